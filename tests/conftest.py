@@ -37,8 +37,9 @@ def write_tiny_vocab(folder: Path) -> Path:
 def make_tiny_tokenizer(folder: Path):
     from transformers import BertTokenizerFast
 
-    vocab = write_tiny_vocab(folder)
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    vocab_file = write_tiny_vocab(folder)
+    vocab = {tok: i for i, tok in enumerate(vocab_file.read_text().splitlines())}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True)  # transformers 5.x: `vocab`, not `vocab_file`
 
 
 def make_tiny_teacher(
