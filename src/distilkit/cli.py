@@ -64,9 +64,39 @@ def _cmd_init_student(args: argparse.Namespace) -> int:
 # =========================================================================== bench / report / reproduce
 
 
+# =========================================================================== reproduce (the whole pipeline)
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from .pipeline import STAGES
+
+    p = sub.add_parser("reproduce", help="run the whole recipe: corpus, adapt, student, distill, finetune, bench, report")
+    p.add_argument("--preset", default="quick", help="configs/<NAME>.yaml (quick, cpu, paper) or a YAML file")
+    p.add_argument("--data-dir", required=True, help="folder with wikitext/, cola/, mrpc/, sst2/, imdb/ ...")
+    p.add_argument("--out", required=True, help="run folder (re-running it skips finished stages)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, e.g. distill.steps=100 or finetune.seeds=[1,2,3]")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .pipeline import reproduce
+
+    command = "distilkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    summary = reproduce(args.preset, args.data_dir, args.out, overrides=args.set, from_stage=args.from_stage,
+                        command=command)
+    total = sum(s["seconds"] for s in summary)
+    print(f"reproduce: {sum(s['status'] == 'done' for s in summary)} stage(s) run, "
+          f"{sum(s['status'] == 'skipped' for s in summary)} skipped, {total:.0f}s; report: {args.out}/report.md")
+    return 0
+
+
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student]
+COMMANDS = [_add_init_student, _add_reproduce]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,18 @@ def apply_overrides(obj: T, overrides: list[str] | None, where: str = "override"
 
 
 def _set_path(obj: Any, path: list[str], value: Any, where: str) -> Any:
+    if isinstance(obj, dict):  # free-form section (checked later by the stage's own dataclass)
+        new = dict(obj)
+        new[path[0]] = value if len(path) == 1 else _set_path(new.get(path[0], {}), path[1:], value, where)
+        return new
+    if isinstance(obj, list):
+        try:
+            i = int(path[0])
+            new = list(obj)
+            new[i] = _set_path(new[i], path[1:], value, where) if len(path) > 1 else value
+            return new
+        except (ValueError, IndexError):
+            raise DistilkitError(f"{where}: '{path[0]}' is not an index of a list of {len(obj)}") from None
     hints = typing.get_type_hints(type(obj))
     if path[0] not in hints:
         raise DistilkitError(f"{where}: unknown key '{path[0]}' for {type(obj).__name__}; known: {sorted(hints)}")

@@ -1,0 +1,424 @@
+"""`distilkit reproduce`: the whole DistilBERT recipe as one resumable pipeline.
+
+Stages, in order (each writes its outputs under RUN_DIR, then a stamp in RUN_DIR/stages/):
+
+    corpus    text -> token blocks (train + held-out)                      RUN_DIR/corpus/
+    adapt     masked-LM adaptation of a teacher without an MLM head        RUN_DIR/teacher/
+    student   DistilBERT student from one teacher layer out of two         RUN_DIR/student_init/
+    distill   triple-loss distillation (resumes from its checkpoints)      RUN_DIR/distill/
+    variants  extra students for ablations (each distilled like `distill`) RUN_DIR/variants/<name>/
+    finetune  teacher and every student on each task, each seed            RUN_DIR/finetune/<model>/<task>/
+    bench     parameters and inference speed                               RUN_DIR/bench/bench.json
+    report    report.md, report.json, report.png                           RUN_DIR/
+
+The corpus comes before adaptation because adapting needs text. A stamp holds a hash of the stage's
+config and of the stamps it depends on; a stage whose stamp matches is skipped. `--from STAGE` redoes
+that stage and all after it. A run killed mid-stage restarts that stage (distillation and adaptation
+continue from their last checkpoint; fine-tuning restarts at the first unfinished task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import CONFIG_DIR, apply_overrides, from_dict, read_yaml, to_dict
+from .utils import DistilkitError, atomic_write_json, atomic_write_text, provenance, sha256_file
+
+STAGES = ["corpus", "adapt", "student", "distill", "variants", "finetune", "bench", "report"]
+
+
+# =========================================================================== config
+
+
+@dataclass
+class CorpusSection:
+    train: list[str] = field(default_factory=lambda: ["wikitext/wikitext-2-raw/wiki.train.raw.gz"])
+    heldout: list[str] = field(default_factory=lambda: ["wikitext/wikitext-2-raw/wiki.valid.raw.gz"])
+    max_lines: int | None = None  # use only the first N lines of each file (small presets)
+    block_size: int = 128
+
+
+@dataclass
+class StudentSection:
+    layers: list[int] | None = None  # default: one teacher layer out of two from 0
+    every: int = 2
+
+
+@dataclass
+class FinetuneSection:
+    tasks: list[str] = field(default_factory=lambda: ["cola", "mrpc", "sst2", "imdb"])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    common: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for every task
+    per_task: dict[str, Any] = field(default_factory=dict)  # task -> FinetuneConfig fields
+
+
+@dataclass
+class BenchSection:
+    enabled: bool = True
+    task: str = "mrpc"  # sentences for timing (the paper used STS-B dev)
+    rounds: int = 3
+    max_sentences: int | None = None
+
+
+@dataclass
+class VariantSection:
+    """An extra student for the ablations (paper Table 4)."""
+
+    name: str = ""
+    label: str = ""
+    paper_key: str | None = None  # key in the paper's table4_ablation_delta_macro
+    init: str = "teacher"  # teacher: layers copied from the teacher; random: fresh weights; none: no distillation
+    distill: dict[str, Any] = field(default_factory=dict)  # overrides of the main distill config
+    tasks: list[str] | None = None  # default: all tasks
+    seeds: list[int] | None = None
+
+
+@dataclass
+class ReproduceConfig:
+    teacher: str = "minilm"
+    adapt: str = "auto"  # auto: only when the teacher has no MLM head; always; never
+    adapt_config: dict[str, Any] = field(default_factory=dict)  # AdaptConfig fields
+    student: StudentSection = field(default_factory=StudentSection)
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    variants: list[VariantSection] = field(default_factory=list)
+    bench: BenchSection = field(default_factory=BenchSection)
+
+
+def load_preset(preset: str | Path, overrides: list[str] | None = None) -> ReproduceConfig:
+    """A preset is `configs/<name>.yaml` or a path to a YAML file; `overrides` are `a.b=value`."""
+    path = Path(preset)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise DistilkitError(f"unknown preset '{preset}': expected one of {known} or a YAML file")
+    cfg = from_dict(ReproduceConfig, read_yaml(path), str(path))
+    return apply_overrides(cfg, overrides)
+
+
+# =========================================================================== stamps
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stamps:
+    """RUN_DIR/stages/<name>.json: written last, once a stage's outputs are complete."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "stages"
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def read(self, name: str) -> dict | None:
+        p = self.path(name)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def done(self, name: str, key: str) -> bool:
+        s = self.read(name)
+        return s is not None and s.get("key") == key
+
+    def write(self, name: str, key: str, seconds: float, outputs: dict) -> None:
+        atomic_write_json(self.path(name), {"stage": name, "key": key, "seconds": round(seconds, 2), "outputs": outputs})
+
+    def clear_from(self, stage: str) -> None:
+        for name in STAGES[STAGES.index(stage):]:
+            for p in self.dir.glob(f"{name}*.json"):
+                p.unlink()
+
+
+# =========================================================================== the pipeline
+
+
+class Pipeline:
+    def __init__(self, cfg: ReproduceConfig, data_dir: str | Path, run_dir: str | Path, command: str | None = None,
+                 preset: str | None = None, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.data = Path(data_dir)
+        self.run = Path(run_dir)
+        self.command = command
+        self.preset = preset
+        self.stamps = Stamps(self.run)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.keys: dict[str, str] = {}
+        self.summary: list[dict] = []
+        if not self.data.is_dir():
+            raise DistilkitError(f"{self.data}: data directory not found")
+
+    # ---- paths
+    @property
+    def corpus_dir(self) -> Path:
+        return self.run / "corpus"
+
+    @property
+    def teacher_dir(self) -> str:
+        out = self.stamps.read("adapt")
+        return out["outputs"]["teacher"] if out else str(self.cfg.teacher)
+
+    def student_dir(self, variant: str = "student") -> str:
+        if variant == "student":
+            return str(self.run / "distill" / "final")
+        return str(self.run / "variants" / variant / "final")
+
+    # ---- driver
+    def run_all(self, from_stage: str | None = None) -> list[dict]:
+        self.run.mkdir(parents=True, exist_ok=True)
+        if from_stage is not None:
+            if from_stage not in STAGES:
+                raise DistilkitError(f"--from: unknown stage '{from_stage}', expected one of {STAGES}")
+            self.stamps.clear_from(from_stage)
+        self._write_run_json()
+        upstream = ""
+        for name in STAGES:
+            stage_cfg = self._stage_config(name)
+            key = _hash({"stage": name, "config": stage_cfg, "upstream": upstream})
+            self.keys[name] = key
+            t0 = time.perf_counter()
+            if self.stamps.done(name, key):
+                self._note(name, "skipped", 0.0, "up to date")
+            else:
+                outputs = getattr(self, f"stage_{name}")(key)
+                seconds = time.perf_counter() - t0
+                self.stamps.write(name, key, seconds, outputs or {})
+                self._note(name, "done", seconds, outputs.get("note", "") if outputs else "")
+            upstream = key
+        return self.summary
+
+    def _note(self, name: str, status: str, seconds: float, detail: str) -> None:
+        self.summary.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
+        self.log(f"[reproduce] {name:<9} {status:<8} {seconds:8.1f}s  {detail}".rstrip())
+
+    def _stage_config(self, name: str) -> Any:
+        c = self.cfg
+        return {
+            "corpus": {"teacher": c.teacher, **to_dict(c.corpus)},
+            "adapt": {"mode": c.adapt, "config": c.adapt_config},
+            "student": to_dict(c.student),
+            "distill": c.distill,
+            "variants": [to_dict(v) for v in c.variants],
+            "finetune": to_dict(c.finetune),
+            "bench": to_dict(c.bench),
+            "report": {},
+        }[name]
+
+    def _write_run_json(self) -> None:
+        checksums = {}
+        manifest = self.data / "MANIFEST.sha256"
+        if manifest.is_file():
+            checksums["MANIFEST.sha256"] = sha256_file(manifest)
+        for rel in [*self.cfg.corpus.train, *self.cfg.corpus.heldout]:
+            if (self.data / rel).is_file():
+                checksums[rel] = sha256_file(self.data / rel)
+        atomic_write_json(self.run / "run.json", {
+            "command": self.command,
+            "preset": self.preset,
+            "data_dir": str(self.data),
+            "config": to_dict(self.cfg),
+            "seeds": self.cfg.finetune.seeds,
+            "data_checksums": checksums,
+            **provenance(),
+        })
+
+    # ---- stages
+    def stage_corpus(self, key: str) -> dict:
+        from .corpus import prepare_corpus
+
+        c = self.cfg.corpus
+        train = [self._input(p, "train") for p in c.train]
+        heldout = [self._input(p, "heldout") for p in c.heldout]
+        meta = prepare_corpus(self.cfg.teacher, train, str(self.corpus_dir), block_size=c.block_size,
+                              heldout_inputs=heldout or None, overwrite=True)
+        shutil.rmtree(self.run / "work", ignore_errors=True)
+        return {"corpus": str(self.corpus_dir), "note": _corpus_note(meta)}
+
+    def _input(self, rel: str, split: str) -> str:
+        """A corpus input file; with `max_lines`, a slice of it written under RUN_DIR/work/."""
+        src = self.data / rel
+        if not src.is_file():
+            raise DistilkitError(f"{src}: corpus file not found (set corpus.{split} in the preset)")
+        n = self.cfg.corpus.max_lines
+        if n is None:
+            return str(src)
+        opener = gzip.open if src.suffix == ".gz" else open
+        with opener(src, "rt", encoding="utf-8") as fh:
+            lines = [line for _, line in zip(range(n), fh)]
+        dst = self.run / "work" / f"{split}-{src.name.removesuffix('.gz')}"
+        atomic_write_text(dst, "".join(lines))
+        return str(dst)
+
+    def stage_adapt(self, key: str) -> dict:
+        from .models import has_mlm_head, resolve_model
+
+        mode = self.cfg.adapt
+        if mode not in ("auto", "always", "never"):
+            raise DistilkitError(f"adapt: expected auto, always or never, got '{mode}'")
+        teacher = resolve_model(self.cfg.teacher)
+        if mode == "never" or (mode == "auto" and has_mlm_head(teacher)):
+            return {"teacher": teacher, "note": "teacher has an MLM head: not adapted"}
+        from .adapt import adapt_teacher
+        from .config import AdaptConfig
+
+        out = self.run / "teacher"
+        acfg = from_dict(AdaptConfig, self.cfg.adapt_config, "adapt_config")
+        result = adapt_teacher(self.cfg.teacher, str(self.corpus_dir), str(out), acfg, resume=_has_checkpoint(out))
+        return {"teacher": str(out / "final") if (out / "final").is_dir() else str(out), "note": _adapt_note(result)}
+
+    def stage_student(self, key: str) -> dict:
+        from .student import init_student
+
+        s = self.cfg.student
+        summary = init_student(self.teacher_dir, self.run / "student_init", layers=s.layers, every=s.every, overwrite=True)
+        return {"student": str(self.run / "student_init"),
+                "note": f"layers {summary.layers}, {summary.student_params_no_head / 1e6:.1f}M vs "
+                        f"{summary.teacher_params_no_head / 1e6:.1f}M parameters"}
+
+    def stage_distill(self, key: str) -> dict:
+        out = self.run / "distill"
+        result = self._distill(str(self.run / "student_init"), out, self.cfg.distill)
+        return {"student": str(out / "final"), "note": _distill_note(result)}
+
+    def _distill(self, student: str, out: Path, overrides: dict) -> dict:
+        from .config import DistillConfig
+        from .distill import distill
+
+        dcfg = from_dict(DistillConfig, overrides, "distill")
+        return distill(self.teacher_dir, student, str(self.corpus_dir), str(out), dcfg, resume=_has_checkpoint(out))
+
+    def stage_variants(self, key: str) -> dict:
+        """Ablation students: each distilled (or not) with its own loss settings and initialisation."""
+        from .student import init_student
+
+        done = []
+        for v in self.cfg.variants:
+            if not v.name or v.name in ("teacher", "student"):
+                raise DistilkitError(f"variants: each needs a unique name other than teacher/student, got '{v.name}'")
+            vdir = self.run / "variants" / v.name
+            sub_key = _hash({"variant": to_dict(v), "upstream": self.keys["distill"]})
+            if self.stamps.done(f"variants-{v.name}", sub_key):
+                continue
+            t0 = time.perf_counter()
+            init = vdir / "init"
+            init_student(self.teacher_dir, init, layers=self.cfg.student.layers, every=self.cfg.student.every, overwrite=True)
+            if v.init == "random":
+                _reinitialise(init)
+            elif v.init == "none":  # no distillation at all: the cut student is fine-tuned directly
+                shutil.rmtree(vdir / "final", ignore_errors=True)
+                shutil.copytree(init, vdir / "final")
+            elif v.init != "teacher":
+                raise DistilkitError(f"variants.{v.name}.init: expected teacher, random or none, got '{v.init}'")
+            if v.init != "none":
+                self._distill(str(init), vdir / "distill", {**self.cfg.distill, **v.distill})
+                shutil.rmtree(vdir / "final", ignore_errors=True)
+                shutil.copytree(vdir / "distill" / "final", vdir / "final")
+            self.stamps.write(f"variants-{v.name}", sub_key, time.perf_counter() - t0, {"student": str(vdir / "final")})
+            done.append(v.name)
+        atomic_write_json(self.run / "variants.json", {
+            v.name: {"label": v.label or v.name, "paper_key": v.paper_key, "init": v.init, "distill": v.distill}
+            for v in self.cfg.variants
+        })
+        return {"variants": [v.name for v in self.cfg.variants], "note": f"{len(done)} variant(s) built"}
+
+    def stage_finetune(self, key: str) -> dict:
+        """Fine-tune each model on each task; each (model, task) pair is stamped so a restart resumes."""
+        from .config import FinetuneConfig
+        from .finetune import finetune
+
+        f = self.cfg.finetune
+        jobs: list[tuple[str, str, list[int]]] = [("teacher", t, f.seeds) for t in f.tasks]
+        jobs += [("student", t, f.seeds) for t in f.tasks]
+        for v in self.cfg.variants:
+            jobs += [(v.name, t, v.seeds or f.seeds) for t in (v.tasks or f.tasks)]
+        for model_name, task, seeds in jobs:
+            fields = {**f.common, **(f.per_task.get(task) or {}), "seeds": seeds}
+            sub = f"finetune-{model_name}-{task}"
+            sub_key = _hash({"config": fields, "upstream": key})
+            if self.stamps.done(sub, sub_key):
+                continue
+            t0 = time.perf_counter()
+            model = self.teacher_dir if model_name == "teacher" else self.student_dir(model_name)
+            out = self.run / "finetune" / model_name / task
+            shutil.rmtree(out, ignore_errors=True)
+            result = finetune(model, task, str(self.data), str(out), from_dict(FinetuneConfig, fields, f"finetune.{task}"))
+            seconds = time.perf_counter() - t0
+            self.stamps.write(sub, sub_key, seconds, {"results": str(out / "results.json")})
+            self.log(f"[reproduce]   finetune {model_name}/{task}: {result['score']['median']:.1f} "
+                     f"({result.get('score_name', '')}, {len(seeds)} seed(s), {seconds:.0f}s)")
+        return {"note": f"{len(jobs)} (model, task) runs"}
+
+    def stage_bench(self, key: str) -> dict:
+        b = self.cfg.bench
+        if not b.enabled:
+            return {"note": "disabled"}
+        from .bench import bench, load_sentences
+
+        sentences, source = load_sentences(task=b.task, data_dir=str(self.data), max_sentences=b.max_sentences)
+        result = bench(self.teacher_dir, self.student_dir(), sentences, source, rounds=b.rounds)
+        atomic_write_json(self.run / "bench" / "bench.json", result)
+        return {"bench": str(self.run / "bench" / "bench.json"),
+                "note": f"speedup x{result['speedup_bs1']:.2f} at batch 1 on {source.get('source')}"}
+
+    def stage_report(self, key: str) -> dict:
+        from .report import write_report
+
+        write_report(str(self.run))
+        return {"report": str(self.run / "report.md")}
+
+
+# =========================================================================== helpers
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return out.is_dir() and any(p.name.startswith("checkpoint") for p in out.iterdir())
+
+
+def _reinitialise(model_dir: Path) -> None:
+    """Replace a saved student's weights by a fresh random initialisation (same config, same seed)."""
+    import torch
+    from transformers import DistilBertForMaskedLM
+
+    model = DistilBertForMaskedLM.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    fresh = DistilBertForMaskedLM(model.config)
+    fresh.save_pretrained(model_dir, safe_serialization=True)
+
+
+def _corpus_note(meta: dict) -> str:
+    splits = meta.get("splits", {})
+    parts = [f"{k}: {v.get('blocks', '?')} blocks / {v.get('tokens', '?')} tokens" for k, v in splits.items()
+             if isinstance(v, dict)]
+    return ", ".join(parts)
+
+
+def _adapt_note(result: dict | None) -> str:
+    if not isinstance(result, dict):
+        return ""
+    before, after = result.get("before", {}), result.get("after", {})
+    if "mlm_accuracy" in before and "mlm_accuracy" in after:
+        return f"held-out MLM top-1 {before['mlm_accuracy']:.1%} -> {after['mlm_accuracy']:.1%}"
+    return ""
+
+
+def _distill_note(result: dict | None) -> str:
+    if not isinstance(result, dict):
+        return ""
+    keys = [k for k in ("steps", "tokens", "tokens_per_s") if k in result]
+    return ", ".join(f"{k} {result[k]:.0f}" if isinstance(result[k], float) else f"{k} {result[k]}" for k in keys)
+
+
+def reproduce(preset: str, data_dir: str, out: str, overrides: list[str] | None = None,
+              from_stage: str | None = None, command: str | None = None) -> list[dict]:
+    cfg = load_preset(preset, overrides)
+    return Pipeline(cfg, data_dir, out, command=command, preset=preset).run_all(from_stage)
