@@ -64,6 +64,42 @@ def _cmd_init_student(args: argparse.Namespace) -> int:
 # =========================================================================== bench / report / reproduce
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="parameters and CPU inference time of teacher vs student (paper Table 3)")
+    p.add_argument("--teacher", required=True, help="teacher folder, hub id, or 'minilm'")
+    p.add_argument("--student", required=True, help="student folder")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sentences", help="plain text, one sentence per line (a tab separates a pair)")
+    g.add_argument("--task", help="time a task's eval split, e.g. stsb (the paper's set) or mrpc; needs --data-dir")
+    p.add_argument("--data-dir", help="data folder for --task (default task: stsb)")
+    p.add_argument("--split", default="eval", help="split of --task (default: eval = the scored split, dev for GLUE)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per model, alternating (default 5)")
+    p.add_argument("--max-sentences", type=int, help="time only the first N examples")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput pass (default 32)")
+    p.add_argument("--warmup", type=int, default=32, help="untimed warm-up examples per model (default 32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu, as in the paper)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", help="write the result JSON here (e.g. RUN_DIR/bench/bench.json)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, load_sentences, summary_lines
+    from .utils import atomic_write_json
+
+    if args.task is not None and args.data_dir is None:
+        raise DistilkitError("--task needs --data-dir")
+    sentences, source = load_sentences(args.sentences, args.task, args.data_dir, args.split, args.max_sentences)
+    result = bench(args.teacher, args.student, sentences, source, rounds=args.rounds, batch_size=args.batch_size,
+                   warmup=args.warmup, device=args.device, threads=args.threads)
+    if args.out:
+        atomic_write_json(args.out, result)
+    print("\n".join(summary_lines(result)))
+    if args.out:
+        print(f"bench: {args.out}")
+    return 0
+
+
 # =========================================================================== reproduce (the whole pipeline)
 
 
@@ -96,7 +132,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student, _add_reproduce]
+COMMANDS = [_add_init_student, _add_reproduce, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
