@@ -493,41 +493,70 @@ class BlockCorpus:
 # =========================================================================== memory measurement
 
 _MEASURE_SCRIPT = r"""
-import json, resource, sys, time, tracemalloc
+import json, sys
 args = json.loads(sys.argv[1])
-from distilkit.corpus import prepare_corpus
-trace = args.pop("tracemalloc")
-if trace:
-    tracemalloc.start()
-t = time.time()
-meta = prepare_corpus(**args)
-seconds = time.time() - t
-peak = tracemalloc.get_traced_memory()[1] if trace else None
-print(json.dumps({
-    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "python_peak_mib": None if peak is None else peak / 2**20,
-    "seconds": seconds,
-    "tokens": meta["splits"]["train"]["tokens"],
-    "input_bytes": sum(s["bytes"] for s in meta["sources"]["train"]),
-}))
+from distilkit.corpus import measure_prepare_memory
+print(json.dumps(measure_prepare_memory(**args, isolated=False)))
 """
 
 
-def measure_prepare_memory(
-    tokenizer: str, inputs: list[str], out: str, *, tracemalloc: bool = False, **kwargs
-) -> dict:
-    """Run `prepare_corpus` in a fresh Python process and report its peak memory.
+def _rss_mib() -> float | None:
+    """Current resident set size (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
-    Returns {"peak_rss_mib" (whole process, Linux ru_maxrss), "python_peak_mib" (tracemalloc peak of
+
+def measure_prepare_memory(
+    tokenizer: str, inputs: list[str], out: str, *, tracemalloc: bool = False, isolated: bool = True, **kwargs
+) -> dict:
+    """Run `prepare_corpus` and report the memory it needed, for the flat-memory test and benchmarks.
+
+    `isolated` runs it in a fresh Python process (so peak RSS means something). Imports and the
+    tokenizer are loaded before measuring. Returns {"rss_before_mib" (RSS after imports),
+    "peak_rss_mib" (process peak, Linux ru_maxrss), "python_peak_mib" (tracemalloc peak of
     Python/numpy allocations during preparation, when `tracemalloc`), "seconds", "tokens", "input_bytes"}.
     """
-    import subprocess
+    if isolated:
+        import subprocess
 
-    args = {"tokenizer": str(tokenizer), "inputs": [str(p) for p in inputs], "out": str(out),
-            "progress": False, "tracemalloc": tracemalloc, **kwargs}
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DISTILKIT_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, json.dumps(args)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"prepare_corpus subprocess failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        args = {"tokenizer": str(tokenizer), "inputs": [str(p) for p in inputs], "out": str(out),
+                "tracemalloc": tracemalloc, **kwargs}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DISTILKIT_NO_PROGRESS": "1"}
+        proc = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, json.dumps(args)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"prepare_corpus subprocess failed:\n{proc.stderr[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    import resource
+    import tracemalloc as tm
+
+    from .models import load_tokenizer
+
+    load_tokenizer(tokenizer)  # imports and lazy module loading happen before measuring
+    provenance()
+    rss_before = _rss_mib()
+    if tracemalloc:
+        tm.start()
+    try:
+        t = time.time()
+        meta = prepare_corpus(tokenizer, inputs, out, progress=False, **kwargs)
+        seconds = time.time() - t
+        python_peak = tm.get_traced_memory()[1] / 2**20 if tracemalloc else None
+    finally:
+        if tracemalloc:
+            tm.stop()
+    return {
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # whole process: use isolated=True
+        "python_peak_mib": python_peak,
+        "seconds": seconds,
+        "tokens": meta["splits"]["train"]["tokens"],
+        "input_bytes": sum(s["bytes"] for s in meta["sources"]["train"]),
+    }
