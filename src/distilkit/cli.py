@@ -57,6 +57,41 @@ def _cmd_init_student(args: argparse.Namespace) -> int:
 
 # =========================================================================== prepare-corpus
 
+
+def _add_prepare_corpus(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare-corpus", help="tokenize text files into fixed [CLS] ... [SEP] blocks (memory-mapped shards)"
+    )
+    p.add_argument("--tokenizer", required=True, help="tokenizer: model folder, hub id, or 'minilm'")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE", help="UTF-8 text files (.gz accepted)")
+    p.add_argument("--out", required=True, help="output corpus folder")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block including [CLS] and [SEP] (default 128)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--heldout-fraction", type=float, default=0.0, metavar="F",
+                   help="put each block into the 'heldout' split with probability F (seeded)")
+    g.add_argument("--heldout", nargs="+", metavar="FILE", help="files for the 'heldout' split (e.g. wiki.valid.raw.gz)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out block assignment (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare_corpus)
+
+
+def _cmd_prepare_corpus(args: argparse.Namespace) -> int:
+    from .corpus import prepare_corpus
+
+    meta = prepare_corpus(
+        args.tokenizer, args.input, args.out, block_size=args.block_size, heldout_fraction=args.heldout_fraction,
+        heldout_inputs=args.heldout, seed=args.seed, overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+    )
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks of {meta['block_size']} "
+              f"({len(info['shards'])} shard(s), {meta['dtype']})")
+    print(f"dropped (final partial block): {sum(meta['tokens_dropped'].values())} tokens; "
+          f"{meta['seconds']:.1f}s -> {args.out}")
+    return 0
+
+
 # =========================================================================== distill
 
 # =========================================================================== finetune / evaluate
@@ -132,7 +167,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student, _add_reproduce, _add_bench]
+COMMANDS = [_add_init_student, _add_prepare_corpus, _add_reproduce, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
