@@ -183,6 +183,13 @@ def _spread(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -245,6 +252,7 @@ def bench(
             },
         )
 
+    load_before = _loadavg()
     for m in models.values():  # warm-up: allocator, kernels, lazy init
         _timed(m["model"], m["singles"][:warmup], dev)
         _timed(m["model"], m["batches"][:1], dev)
@@ -284,6 +292,7 @@ def bench(
     out["schedule"] = schedule
     out["threads"] = torch.get_num_threads()
     out["cpu"] = cpu_model()
+    out["loadavg_1min"] = {"before": load_before, "after": _loadavg()}  # others' load makes timings noisy
     out["device"] = dev.type if dev.type == "cpu" else f"{dev.type}:{torch.cuda.get_device_name(dev)}"
     out.update(provenance())
     return out
@@ -306,4 +315,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"student has {result['param_ratio']:.0%} of the teacher's parameters "
         f"({result['threads']} threads, {result['cpu']}, {result['rounds']} rounds)"
     )
+    load = result.get("loadavg_1min") or {}
+    if load.get("before") is not None and load["before"] > result["threads"]:
+        lines.append(f"note: the machine was busy (1-min load {load['before']:.1f} > {result['threads']} threads): "
+                     "timings are noisy; compare the ratios, or re-run when idle")
     return lines

@@ -135,6 +135,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write RUN_DIR/report.md, report.json, report.png (results beside the paper's)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (finetune/, bench/, distill/, run.json)")
+    p.add_argument("--paper", help="paper tables JSON (default: <data-dir>/../reference/distilbert_paper_tables.json "
+                                   "if present, else the copy bundled with distilkit)")
+    p.add_argument("--data-dir", help="data folder, to find ../reference (default: run.json's data_dir)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    rep = write_report(args.run_dir, paper=args.paper, data_dir=args.data_dir)
+    macro, b = rep["macro"], rep["bench"]
+    if macro["retention_pct"] is not None:
+        print(f"macro over {', '.join(macro['tasks'])}: teacher {macro['teacher']:.1f}, student {macro['student']:.1f} "
+              f"-> retention {macro['retention_pct']:.1f}%")
+    if b is not None:
+        print(f"params {b['param_ratio']:.0%} of teacher, speedup {b['speedup_bs1']:.2f}x at batch 1")
+    for note in rep["notes"]:
+        print(f"note: {note}")
+    print(f"report: {args.run_dir}/report.md (+ report.json, report.png)")
+    return 0
+
+
 # =========================================================================== reproduce (the whole pipeline)
 
 
@@ -167,7 +192,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student, _add_prepare_corpus, _add_reproduce, _add_bench]
+COMMANDS = [_add_init_student, _add_prepare_corpus, _add_reproduce, _add_bench, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,217 @@
+"""Report: values in report.json equal hand-computed medians / retention / macro / ablation deltas,
+report.md holds the table rows, report.png is a PNG, missing pieces are said, malformed input exits 2."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from distilkit.cli import main
+from distilkit.report import PAPER_FILE, build_report, load_paper, write_report
+from distilkit.utils import DistilkitError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "distilbert_paper_tables.json"
+
+# variant -> task -> per-seed scores (paper scale)
+SCORES = {
+    "teacher": {"cola": [40.0, 44.0, 42.0], "mrpc": [85.0, 86.0, 84.0], "imdb": [88.0, 90.0, 89.0], "sst2": [90.0]},
+    "student": {"cola": [30.0, 36.0, 33.0], "mrpc": [80.0, 82.0, 81.0], "imdb": [86.0, 87.0, 85.0]},
+    "no_ce": {"cola": [20.0, 26.0], "mrpc": [79.0, 75.0]},
+    "random_init": {"cola": [0.0], "mrpc": [70.0], "imdb": [60.0]},
+}
+SCORE_NAMES = {"cola": "mcc x100", "mrpc": "mean(f1, acc) x100", "imdb": "acc x100", "sst2": "acc x100"}
+
+
+def _results(task: str, scores: list[float], max_train: int | None = 200) -> dict:
+    return {
+        "task": task,
+        "score_name": SCORE_NAMES[task],
+        "metric_names": ["accuracy"],
+        "seeds": [{"seed": i + 1, "metrics": {"accuracy": s / 100}, "score": s} for i, s in enumerate(scores)],
+        "score": {"median": statistics.median(scores), "min": min(scores), "max": max(scores), "n": len(scores)},
+        "config": {"max_train": max_train, "max_eval": 100},
+        "data": {"train": {"split": "train", "files": {f"{task}/train.tsv": "ab" * 32}, "n_total": 1000, "n_used": 200},
+                 "eval": {"split": "dev", "files": {f"{task}/dev.tsv": "cd" * 32}, "n_total": 500, "n_used": 100}},
+        "model_fingerprint": "f" * 16,
+        "git_commit": "abc123",
+    }
+
+
+BENCH = {
+    "teacher": {"model": "minilm", "params": 22_713_216, "params_with_head": None, "layers": 6,
+                "bs1_seconds": {"median": 10.0, "min": 9.0, "max": 12.0, "rounds": [10.0, 9.0, 12.0]},
+                "bs32_sentences_per_s": {"median": 100.0, "min": 90.0, "max": 110.0, "rounds": [100.0, 90.0, 110.0]}},
+    "student": {"model": "student", "params": 17_389_056, "params_with_head": 17_600_000, "layers": 3,
+                "bs1_seconds": {"median": 5.0, "min": 4.5, "max": 6.0, "rounds": [5.0, 4.5, 6.0]},
+                "bs32_sentences_per_s": {"median": 190.0, "min": 180.0, "max": 200.0, "rounds": [190.0, 180.0, 200.0]}},
+    "speedup_bs1": 2.0, "speedup_bs32": 1.9, "param_ratio": 17_389_056 / 22_713_216,
+    "sentences": {"source": "mrpc/dev.tsv", "n": 408, "sha256": "9e" * 32},
+    "protocol": "test protocol", "threads": 2, "cpu": "Test CPU", "device": "cpu", "torch": "2.13.0",
+}
+
+
+def make_run_dir(root: Path, *, bench: bool = True, mlm: bool = True, run_json: bool = True) -> Path:
+    run = root / "run"
+    for variant, tasks in SCORES.items():
+        for task, scores in tasks.items():
+            d = run / "finetune" / variant / task
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(_results(task, scores)))
+    (run / "variants.json").write_text(json.dumps({
+        "no_ce": {"label": "without L_ce", "paper_key": "without L_ce (L_cos + L_mlm)"},
+        "random_init": {"label": "random init", "paper_key": "triple loss, random initialisation"},
+    }))
+    if bench:
+        (run / "bench").mkdir()
+        (run / "bench" / "bench.json").write_text(json.dumps(BENCH))
+    if mlm:
+        (run / "distill").mkdir()
+        (run / "distill" / "eval.json").write_text(json.dumps({
+            "teacher": {"mlm_accuracy": 0.55, "perplexity": 9.5},
+            "student_before": {"mlm_accuracy": 0.21, "perplexity": 120.0},
+            "student_after": {"mlm_accuracy": 0.42, "perplexity": 20.25},
+        }))
+    if run_json:
+        (run / "run.json").write_text(json.dumps({
+            "command": "distilkit reproduce --preset quick --data-dir D --out run", "preset": "quick",
+            "config": {"teacher": "minilm", "finetune": {"seeds": [1, 2, 3]}}, "seeds": [1, 2, 3],
+            "data_checksums": {"wikitext/wiki.train.raw.gz": "9a" * 32}, "git_commit": "abc123",
+        }))
+    return run
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return make_run_dir(tmp_path)
+
+
+def test_report_values_equal_hand_computed(run_dir):
+    rep = write_report(run_dir)
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["tasks"].keys() == {"cola", "mrpc", "sst2", "imdb"}
+    assert list(data["tasks"]) == ["cola", "mrpc", "sst2", "imdb"]  # paper order, IMDb last
+    cola = data["tasks"]["cola"]
+    assert cola["teacher"]["median"] == 42.0 and cola["teacher"]["min"] == 40.0 and cola["teacher"]["max"] == 44.0
+    assert cola["teacher"]["n"] == 3 and cola["student"]["median"] == 33.0
+    assert cola["retention_pct"] == pytest.approx(100 * 33.0 / 42.0)
+    assert cola["paper"] == {"BERT-base": 56.3, "DistilBERT": 51.3, "retention_pct": pytest.approx(100 * 51.3 / 56.3)}
+    assert data["tasks"]["imdb"]["paper"]["BERT-base"] == 93.46  # Table 2
+    assert data["tasks"]["sst2"]["student"] is None and data["tasks"]["sst2"]["retention_pct"] is None
+    assert cola["teacher"]["subset"]["max_train"] == 200 and cola["teacher"]["subset"]["n_eval"] == 100
+
+    # macro over the tasks both have (sst2 has no student), and the paper's over the same tasks
+    macro = data["macro"]
+    assert macro["tasks"] == ["cola", "mrpc", "imdb"]
+    t_macro, s_macro = (42.0 + 85.0 + 89.0) / 3, (33.0 + 81.0 + 86.0) / 3
+    assert macro["teacher"] == pytest.approx(t_macro) and macro["student"] == pytest.approx(s_macro)
+    assert macro["retention_pct"] == pytest.approx(100 * s_macro / t_macro)
+    pb, pd = (56.3 + 88.6 + 93.46) / 3, (51.3 + 87.5 + 92.82) / 3
+    assert macro["paper_same_tasks"]["BERT-base"] == pytest.approx(pb)
+    assert macro["paper_same_tasks"]["retention_pct"] == pytest.approx(100 * pd / pb)
+    assert macro["paper_published"]["BERT-base"] == 79.5 and macro["paper_published"]["DistilBERT"] == 77.0
+
+    # ablations: each variant vs the student on the tasks the variant has
+    abl = {a["variant"]: a for a in data["ablations"]}
+    no_ce = abl["no_ce"]
+    assert no_ce["tasks"] == ["cola", "mrpc"]
+    assert no_ce["macro"] == pytest.approx((23.0 + 77.0) / 2)
+    assert no_ce["student_macro"] == pytest.approx((33.0 + 81.0) / 2)
+    assert no_ce["delta"] == pytest.approx((23.0 + 77.0) / 2 - (33.0 + 81.0) / 2)
+    assert no_ce["paper_delta"] == -2.96 and no_ce["label"] == "without L_ce"
+    rnd = abl["random_init"]
+    assert rnd["delta"] == pytest.approx((0.0 + 70.0 + 60.0) / 3 - (33.0 + 81.0 + 86.0) / 3)
+    assert rnd["paper_delta"] == -3.69
+
+    # bench beside Table 3
+    b = data["bench"]
+    assert b["speedup_bs1"] == 2.0 and b["paper"]["params_millions"] == {"BERT-base": 110, "DistilBERT": 66}
+    assert b["paper"]["speedup"] == pytest.approx(668 / 410)
+    assert data["mlm"]["student_after"]["perplexity"] == 20.25
+    pv = data["provenance"]
+    assert pv["command"].startswith("distilkit reproduce") and pv["seeds"] == [1, 2, 3]
+    assert pv["git_commits"] == ["abc123"]
+    assert pv["data_checksums"]["cola/dev.tsv"] == "cd" * 32 and "wikitext/wiki.train.raw.gz" in pv["data_checksums"]
+    assert rep["tasks"]["cola"]["retention_pct"] == cola["retention_pct"]
+    assert any("sst2: no student results" in n for n in data["notes"])
+
+
+def test_report_markdown_rows_and_png(run_dir):
+    write_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert "| cola | mcc x100 | 42.0 (40.0–44.0, n=3) | 33.0 (30.0–36.0, n=3) | 78.6% | 56.3 | 51.3 | 91.1% | train 200 of 1000, eval 100 of 500 |" in md
+    assert "| sst2 | acc x100 | 90.0 (n=1) | — | — |" in md
+    assert f"| **{(42.0 + 85.0 + 89.0) / 3:.1f}** | **{(33.0 + 81.0 + 86.0) / 3:.1f}** |" in md
+    assert "| without L_ce | `no_ce` | cola, mrpc | 50.0 | 57.0 | -7.00 | -2.96 |" in md
+    assert "| teacher | `minilm` | 6 | 22.7M | — | 10.00 (9.00–12.00) | 100.0 | BERT-base: 110M | 668 s |" in md
+    assert "speedup 2.00x" in md and "speedup 1.63x" in md
+    assert "| student_after | 42.00% | 20.25 |" in md
+    assert "distilkit reproduce --preset quick" in md and "`abc123`" in md
+    assert "not on STS-B dev" in md
+    png = (run_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_report_missing_pieces_are_said(tmp_path):
+    run = make_run_dir(tmp_path, bench=False, mlm=False, run_json=False)
+    rep = write_report(run)
+    assert rep["bench"] is None and rep["mlm"] is None
+    notes = "\n".join(rep["notes"])
+    assert "no bench/bench.json" in notes and "no distill/eval.json" in notes and "no run.json" in notes
+    md = (run / "report.md").read_text()
+    assert "Not measured: no `bench/bench.json`" in md and "Masked-LM" not in md
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # only a bench, no fine-tuning: still a report
+    only = tmp_path / "only"
+    (only / "bench").mkdir(parents=True)
+    (only / "bench" / "bench.json").write_text(json.dumps(BENCH))
+    rep = write_report(only)
+    assert rep["macro"]["tasks"] == [] and rep["macro"]["retention_pct"] is None and rep["bench"] is not None
+    with pytest.raises(DistilkitError, match="nothing to report"):
+        build_report(tmp_path / "only" / "bench")
+
+
+def test_malformed_results_is_a_one_line_error(run_dir, capsys):
+    bad = run_dir / "finetune" / "student" / "mrpc" / "results.json"
+    bad.write_text('{"task": "mrpc", "seeds": [{"seed": 1, "score": "high"}]}')
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "expected a finite number 'score'" in err
+    bad.write_text('{"task": "mrpc", "seeds": [')
+    assert main(["report", str(run_dir)]) == 2
+    assert f"{bad}:1: expected valid JSON" in capsys.readouterr().err
+    bad.write_text(json.dumps(_results("cola", [1.0])))
+    with pytest.raises(DistilkitError, match="expected task 'mrpc'"):
+        build_report(run_dir)
+    assert not (run_dir / "report.md").exists()
+
+
+def test_report_cli_and_paper_source(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "retention" in out and "speedup 2.00x" in out
+    paper = json.loads(PAPER_FILE.read_text())
+    paper["table1_glue_dev"]["BERT-base"][1] = 60.0  # cola
+    custom = tmp_path / "paper.json"
+    custom.write_text(json.dumps(paper))
+    rep = build_report(run_dir, paper_path=custom)
+    assert rep["paper_source"] == str(custom) and rep["tasks"]["cola"]["paper"]["BERT-base"] == 60.0
+    # default: <data-dir>/../reference/distilbert_paper_tables.json when present, else the bundled copy
+    data_dir = tmp_path / "shared" / "data"
+    (tmp_path / "shared" / "reference").mkdir(parents=True)
+    data_dir.mkdir()
+    (tmp_path / "shared" / "reference" / "distilbert_paper_tables.json").write_text(json.dumps(paper))
+    assert load_paper(None, data_dir)[1] == str(tmp_path / "shared" / "reference" / "distilbert_paper_tables.json")
+    assert load_paper(None, tmp_path / "nowhere")[1] == str(PAPER_FILE)
+    assert main(["report", str(run_dir), "--paper", str(tmp_path / "missing.json")]) == 2
+
+
+def test_bundled_paper_tables_match_reference():
+    if not REFERENCE.is_file():
+        pytest.skip("../shared/reference not present")
+    bundled, ref = json.loads(PAPER_FILE.read_text()), json.loads(REFERENCE.read_text())
+    for key in ("table1_glue_dev", "table2_downstream", "table3_size_speed", "table4_ablation_delta_macro"):
+        assert bundled[key] == ref[key]
