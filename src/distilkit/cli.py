@@ -55,6 +55,51 @@ def _cmd_init_student(args: argparse.Namespace) -> int:
 
 # =========================================================================== adapt-teacher
 
+
+def _stage_config(cls, path: str | None, overrides: list[str], section: str):
+    """Load a stage config from YAML (its fields at top level, or under `section`) plus --set overrides."""
+    from .config import load_config, read_yaml
+
+    use = section if path and section in read_yaml(path) else None
+    return load_config(cls, path, overrides, section=use)
+
+
+def _print_mlm_scores(label: str, before: dict, after: dict) -> None:
+    if before and after:
+        print(f"{label}: held-out MLM top-1 {before['mlm_accuracy']:.2%} -> {after['mlm_accuracy']:.2%}, "
+              f"perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} ({after['n_masked']} masked tokens)")
+
+
+def _add_adapt_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt-teacher", help="masked-LM training of a teacher without an MLM head (e.g. minilm)")
+    p.add_argument("--teacher", required=True, help="BERT teacher folder, hub id, or 'minilm'")
+    p.add_argument("--corpus", required=True, help="prepared corpus folder (distilkit prepare-corpus)")
+    p.add_argument("--out", required=True, help="output folder: the adapted BertForMaskedLM, adapt.json, checkpoints/")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--config", help="YAML file with AdaptConfig fields (top level or under 'adapt_teacher')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=_cmd_adapt_teacher)
+
+
+def _cmd_adapt_teacher(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .adapt import adapt_teacher
+    from .config import AdaptConfig
+
+    cfg = _stage_config(AdaptConfig, args.config, args.set, "adapt_teacher")
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    r = adapt_teacher(args.teacher, args.corpus, args.out, cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only rank 0 reports
+        return 0
+    print(f"adapt-teacher: {r['steps']} steps, {r['tokens']:,} tokens, {r['tokens_per_s']:.0f} tokens/s "
+          f"on {r['world_size']} process(es) -> {args.out}")
+    _print_mlm_scores("adapt-teacher", r["before"], r["after"])
+    return 0
+
+
 # =========================================================================== prepare-corpus
 
 
@@ -93,6 +138,37 @@ def _cmd_prepare_corpus(args: argparse.Namespace) -> int:
 
 
 # =========================================================================== distill
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="triple-loss distillation of a student from a teacher on a prepared corpus")
+    p.add_argument("--teacher", required=True, help="BERT teacher with an MLM head (folder, hub id; see adapt-teacher)")
+    p.add_argument("--student", required=True, help="DistilBERT student folder (distilkit init-student)")
+    p.add_argument("--corpus", required=True, help="prepared corpus folder (distilkit prepare-corpus)")
+    p.add_argument("--out", required=True, help="output folder: final/, distill.json, eval.json, metrics.jsonl, checkpoints/")
+    p.add_argument("--config", help="YAML file with DistillConfig fields (top level or under 'distill'), e.g. configs/distill.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. steps=1000 or alpha_cos=0 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .config import DistillConfig
+    from .distill import distill
+
+    cfg = _stage_config(DistillConfig, args.config, args.set, "distill")
+    r = distill(args.teacher, args.student, args.corpus, args.out, cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch only rank 0 reports
+        return 0
+    print(f"distill: {r['steps']} steps, {r['tokens']:,} tokens, {r['tokens_per_s']:.0f} tokens/s on "
+          f"{r['world_size']} process(es), accumulation {r['accumulation']} -> {r['final']}")
+    ev = r.get("eval")
+    if ev:
+        print(f"distill: teacher held-out MLM top-1 {ev['teacher']['mlm_accuracy']:.2%} (ppl {ev['teacher']['perplexity']:.1f})")
+        _print_mlm_scores("distill: student", ev["student_before"], ev["student_after"])
+    return 0
+
 
 # =========================================================================== finetune / evaluate
 
@@ -192,7 +268,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student, _add_prepare_corpus, _add_reproduce, _add_bench, _add_report]
+COMMANDS = [_add_init_student, _add_adapt_teacher, _add_distill, _add_prepare_corpus, _add_reproduce, _add_bench, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,6 +156,82 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 # --- distillation (distill.py) -------------------------------------------------------------
 
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Masked-LM training shared by `distill` and `adapt-teacher` (one loop: distill.train)."""
+
+    steps: int | None = None  # optimizer steps; when None, `epochs` passes over the corpus
+    epochs: float = 3.0  # used only when steps is None (the released DistilBERT: 3)
+    batch_size: int = 32  # sequences per device per micro-step
+    effective_batch: int | None = None  # sequences per optimizer step (all devices); sets accumulation
+    effective_tokens: int | None = None  # or tokens per optimizer step; None and None: no accumulation
+    lr: float = 5e-4  # peak learning rate
+    warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then linear decay to 0
+    weight_decay: float = 0.01  # AdamW, not on biases and LayerNorm weights
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 5.0  # max gradient norm (0 disables)
+    mlm_prob: float = 0.15  # dynamic masking, new masks every batch (masking.MaskingConfig)
+    mask_frac: float = 0.8
+    random_frac: float = 0.1
+    smoothing: float | None = None  # e.g. 0.7: select tokens with weight count**-0.7 (released DistilBERT)
+    seed: int = 0
+    save_every: int = 500  # checkpoint every N optimizer steps (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 10  # metrics.jsonl line every N optimizer steps
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    eval_batches: int | None = 50  # held-out batches for evaluate_mlm (None: the whole held-out split)
+    eval_batch_size: int | None = None  # default: batch_size
+    eval_seed: int = 1234  # fixed masking seed: teacher and student scored on identical masks
+    tensorboard: bool = False  # also log to OUT/tensorboard (only if tensorboard is installed)
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainConfig):
+    """`distilkit distill`: the triple loss. Defaults = the released DistilBERT (Sanh et al. 2019)."""
+
+    alpha_ce: float = 5.0  # soft-target KL (0 switches the term off, as in the paper's Table 4)
+    alpha_mlm: float = 2.0  # masked-LM cross-entropy
+    alpha_cos: float = 1.0  # cosine between last hidden states
+    temperature: float = 2.0
+    kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions
+
 # --- teacher adaptation (adapt.py) ---------------------------------------------------------
 
+
+@dataclasses.dataclass
+class AdaptConfig(TrainConfig):
+    """`distilkit adapt-teacher`: masked-LM training of the whole teacher (fresh head tied to the embeddings)."""
+
+    steps: int | None = 200
+    lr: float = 1e-4
+
 # --- fine-tuning (finetune.py) -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """`distilkit finetune`. Fields left as None take the task's default (`tasks.TaskDefaults`)."""
+
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [1])  # one run per seed, same start model
+    epochs: float | None = None  # may be fractional
+    lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None  # tokens incl. [CLS]/[SEP]; capped at the model's position embeddings
+    truncation: str | None = None  # "head" or "head_tail" (single-text tasks only)
+    warmup_ratio: float | None = None  # share of the steps with linear warm-up, then linear decay to 0
+    weight_decay: float = 0.01  # AdamW, not on biases and LayerNorm weights
+    grad_clip: float = 1.0  # max gradient norm (0 disables)
+    eval_batch_size: int = 64
+    max_train: int | None = None  # random subset of N training examples (seeded by subset_seed)
+    max_eval: int | None = None  # random subset of N evaluation examples (seeded by subset_seed)
+    subset_seed: int = 0  # the same subsets for every training seed
+    group_by_length: bool = True  # length-grouped training batches (sorted within mega-batches)
+    mega_batch: int = 50  # mega-batch size, in batches
+    distill_from: str | None = None  # fine-tuned teacher folder: task-specific distillation, the paper's "(D)"
+    alpha_kd: float = 0.5  # weight of the distillation term
+    temperature: float = 2.0  # softmax temperature of the distillation term (classification only)
+    save_models: str = "first"  # "first" (DIR/model), "all" (also DIR/seed-<s> for the other seeds), "none"
+    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that supports it, fp32 on CPU), "no", "bf16", "fp16"
+    overwrite: bool = False  # replace a non-empty output folder
