@@ -135,3 +135,28 @@ def test_bench_cli_writes_json(tiny_teacher, tiny_student, tmp_path, capsys):
     rc = main(["bench", "--teacher", str(tiny_teacher), "--student", str(tiny_student),
                "--sentences", str(tmp_path / "missing.txt")])
     assert rc == 2
+
+
+def test_bench_cli_task_needs_data_dir(tiny_teacher, tiny_student, capsys):
+    assert main(["bench", "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--task", "mrpc"]) == 2
+    assert "--task needs --data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_minilm_on_mrpc_then_report(shared_data, tmp_path):
+    """Real model, real sentences: MiniLM (22.7M with pooler) vs its 3-layer student, then the report's Table 3."""
+    from distilkit.report import write_report
+
+    student = tmp_path / "student"
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        init_student("minilm", student)
+    examples, source = load_sentences(task="mrpc", data_dir=shared_data, max_sentences=24)
+    result = bench("minilm", str(student), examples, source, rounds=1, progress=False)
+    assert result["teacher"]["params"] == 22_713_216 and result["teacher"]["params_with_head"] is None
+    assert result["student"]["layers"] == 3 and result["student"]["params"] < result["teacher"]["params"]
+    run = tmp_path / "run"
+    (run / "bench").mkdir(parents=True)
+    (run / "bench" / "bench.json").write_text(json.dumps(result))
+    rep = write_report(run)
+    assert rep["bench"]["param_ratio"] == pytest.approx(result["param_ratio"])
+    assert "| teacher | `minilm` | 6 | 22.7M |" in (run / "report.md").read_text()

@@ -152,6 +152,7 @@ def test_report_markdown_rows_and_png(run_dir):
     assert "not on STS-B dev" in md
     png = (run_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (run_dir / "report.png").stat().st_mode == (run_dir / "report.md").stat().st_mode
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
 

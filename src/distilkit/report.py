@@ -619,10 +619,14 @@ def render_chart(rep: dict[str, Any]) -> bytes:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Like `utils.atomic_write_text`, for bytes: temp file in the same folder, usual permissions, rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
