@@ -72,7 +72,8 @@ def make_run_dir(root: Path, *, bench: bool = True, mlm: bool = True, run_json: 
         (run / "distill" / "eval.json").write_text(json.dumps({
             "teacher": {"mlm_accuracy": 0.55, "perplexity": 9.5},
             "student_before": {"mlm_accuracy": 0.21, "perplexity": 120.0},
-            "student_after": {"mlm_accuracy": 0.42, "perplexity": 20.25},
+            "student_after": {"mlm_accuracy": 0.42, "perplexity": 20.25, "seed": 0},
+            "masking_seed": 1234, "student_fingerprint": "5f" * 8,
         }))
     if run_json:
         (run / "run.json").write_text(json.dumps({
@@ -147,7 +148,8 @@ def test_report_markdown_rows_and_png(run_dir):
     assert "| without L_ce | `no_ce` | cola, mrpc | 50.0 | 57.0 | -7.00 | -2.96 |" in md
     assert "| teacher | `minilm` | 6 | 22.7M | — | 10.00 (9.00–12.00) | 100.0 | BERT-base: 110M | 668 s |" in md
     assert "speedup 2.00x" in md and "speedup 1.63x" in md
-    assert "| student_after | 42.00% | 20.25 |" in md
+    assert "| model | mlm_accuracy | perplexity |" in md and "| student_after | 42.00% | 20.25 |" in md
+    assert "masking seed 1234" in md and "`5f5f5f5f5f5f5f5f`" in md
     assert "distilkit reproduce --preset quick" in md and "`abc123`" in md
     assert "not on STS-B dev" in md
     png = (run_dir / "report.png").read_bytes()

@@ -499,7 +499,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         models += [k for k, v in mlm.items() if isinstance(v, dict) and k not in models]
         metrics: list[str] = []
         for k in models:
-            metrics += [n for n, v in mlm[k].items() if _is_num(v) and n not in metrics]
+            metrics += [n for n, v in mlm[k].items() if _is_num(v) and n not in metrics and n != "seed"]
         first = [n for n in ("mlm_accuracy", "perplexity") if n in metrics]
         metrics = first + [n for n in metrics if n not in first]
 
@@ -509,6 +509,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
             return f"{v:.2%}" if "accuracy" in name and 0 <= v <= 1 else f"{v:.4g}"
 
         L += _table(["model"] + metrics, [[k] + [cell(mlm[k].get(n), n) for n in metrics] for k in models])
+        extra = [f"{k.replace('_', ' ')} {mlm[k]}" for k in ("masking_seed", "eval_batches") if mlm.get(k) is not None]
+        extra += [f"{k.replace('_', ' ')} `{mlm[k]}`" for k in ("teacher_fingerprint", "student_fingerprint") if mlm.get(k)]
+        L += ["", "Same masked positions for every model: " + "; ".join(extra) + "."] if extra else []
         L.append("")
 
     # Table 4
