@@ -219,9 +219,10 @@ class Pipeline:
         manifest = self.data / "MANIFEST.sha256"
         if manifest.is_file():
             checksums["MANIFEST.sha256"] = sha256_file(manifest)
-        for rel in [*self.cfg.corpus.train, *self.cfg.corpus.heldout]:
-            if (self.data / rel).is_file():
-                checksums[rel] = sha256_file(self.data / rel)
+        for pattern in [*self.cfg.corpus.train, *self.cfg.corpus.heldout]:
+            for p in sorted(self.data.glob(pattern)):
+                if p.is_file():
+                    checksums[str(p.relative_to(self.data))] = sha256_file(p)
         atomic_write_json(self.run / "run.json", {
             "command": self.command,
             "preset": self.preset,
@@ -237,12 +238,25 @@ class Pipeline:
         from .corpus import prepare_corpus
 
         c = self.cfg.corpus
-        train = [self._input(p, "train") for p in c.train]
-        heldout = [self._input(p, "heldout") for p in c.heldout]
+        train = [self._input(p, "train") for p in self._expand(c.train, "train")]
+        heldout = [self._input(p, "heldout") for p in self._expand(c.heldout, "heldout")]
         meta = prepare_corpus(self.cfg.teacher, train, str(self.corpus_dir), block_size=c.block_size,
                               heldout_inputs=heldout or None, overwrite=True)
         shutil.rmtree(self.run / "work", ignore_errors=True)
         return {"corpus": str(self.corpus_dir), "note": _corpus_note(meta)}
+
+    def _expand(self, patterns: list[str], split: str) -> list[str]:
+        """Corpus entries are paths relative to the data dir; shell patterns (`pretrain/*.txt`) are expanded."""
+        out: list[str] = []
+        for pattern in patterns:
+            if any(ch in pattern for ch in "*?["):
+                found = sorted(str(p.relative_to(self.data)) for p in self.data.glob(pattern) if p.is_file())
+                if not found:
+                    raise DistilkitError(f"{self.data / pattern}: no corpus file matches (corpus.{split})")
+                out += found
+            else:
+                out.append(pattern)
+        return out
 
     def _input(self, rel: str, split: str) -> str:
         """A corpus input file; with `max_lines`, a slice of it written under RUN_DIR/work/."""
@@ -337,10 +351,13 @@ class Pipeline:
         from .finetune import finetune
 
         f = self.cfg.finetune
-        jobs: list[tuple[str, str, list[int]]] = [("teacher", t, f.seeds) for t in f.tasks]
-        jobs += [("student", t, f.seeds) for t in f.tasks]
+        def task_seeds(task: str) -> list[int]:
+            return (f.per_task.get(task) or {}).get("seeds", f.seeds)
+
+        jobs: list[tuple[str, str, list[int]]] = [("teacher", t, task_seeds(t)) for t in f.tasks]
+        jobs += [("student", t, task_seeds(t)) for t in f.tasks]
         for v in self.cfg.variants:
-            jobs += [(v.name, t, v.seeds or f.seeds) for t in (v.tasks or f.tasks)]
+            jobs += [(v.name, t, v.seeds or task_seeds(t)) for t in (v.tasks or f.tasks)]
         for model_name, task, seeds in jobs:
             fields = {**f.common, **(f.per_task.get(task) or {}), "seeds": seeds}
             sub = f"finetune-{model_name}-{task}"

@@ -1,0 +1,166 @@
+"""`distilkit reproduce` end to end on a tiny teacher and tiny data: stamps, skipping, --from, kill and restart."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import WORDS, make_tiny_teacher
+from distilkit.pipeline import STAGES, load_preset, reproduce
+from distilkit.utils import DistilkitError
+
+
+def _sentence(rng: random.Random, lo: int = 4, hi: int = 12) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def write_tiny_data(root: Path) -> Path:
+    """A data dir in the real layouts: WikiText raw (gz), GLUE CoLA (no header), MRPC (BOM header)."""
+    rng = random.Random(0)
+    wt = root / "wikitext" / "wikitext-2-raw"
+    wt.mkdir(parents=True)
+    for split, n in [("train", 240), ("valid", 60)]:
+        lines = [" = Title = \n"] + [f" {_sentence(rng, 10, 40)} . \n" for _ in range(n)]
+        with gzip.open(wt / f"wiki.{split}.raw.gz", "wt", encoding="utf-8") as fh:
+            fh.writelines(lines)
+    cola = root / "cola" / "glue"
+    cola.mkdir(parents=True)
+    for split, n in [("train", 64), ("dev", 32)]:
+        rows = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = _sentence(rng) + (" good" if label else " bad")
+            rows.append(f"src\t{label}\t{'' if label else '*'}\t{words}\n")
+        (cola / f"{split}.tsv").write_text("".join(rows))
+    mrpc = root / "mrpc"
+    mrpc.mkdir()
+    for split, n in [("train", 48), ("dev", 24)]:
+        rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"]
+        for i in range(n):
+            a = _sentence(rng)
+            label = rng.randint(0, 1)
+            b = a if label else _sentence(rng)
+            rows.append(f"{label}\t{i}\t{i + 1000}\t{a}\t{b}\n")
+        (mrpc / f"{split}.tsv").write_text("".join(rows))
+    return root
+
+
+PRESET = """
+teacher: {teacher}
+adapt: auto
+adapt_config: {{steps: 4, batch_size: 4, save_every: 2, eval_batches: 2}}
+student: {{layers: [0, 2]}}
+corpus:
+  train: [wikitext/wikitext-2-raw/wiki.train.raw.gz]
+  heldout: [wikitext/wikitext-2-raw/wiki.valid.raw.gz]
+  block_size: 32
+distill: {{steps: 6, batch_size: 4, save_every: 2, eval_batches: 2}}
+finetune:
+  tasks: [cola, mrpc]
+  seeds: [1, 2]
+  common: {{epochs: 1, batch_size: 8, max_length: 32}}
+  per_task: {{mrpc: {{max_train: 32}}}}
+variants:
+  - {{name: no_ce, label: without L_ce, paper_key: "without L_ce (L_cos + L_mlm)", distill: {{alpha_ce: 0}}, tasks: [cola], seeds: [1]}}
+bench: {{task: mrpc, rounds: 1, max_sentences: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    teacher = make_tiny_teacher(root / "teacher", with_head=False, layers=4)  # no head: exercises `adapt`
+    data = write_tiny_data(root / "data")
+    preset = root / "tiny.yaml"
+    preset.write_text(PRESET.format(teacher=teacher))
+    return root, data, preset
+
+
+def _scores(run: Path) -> dict:
+    rep = json.loads((run / "report.json").read_text())
+    out: dict[str, list] = {}
+    for path in sorted((run / "finetune").glob("*/*/results.json")):
+        r = json.loads(path.read_text())
+        out[f"{path.parent.parent.name}/{r['task']}"] = [s["metrics"] for s in r["seeds"]]
+    table = {task: (row["teacher"]["median"], row["student"]["median"], row["retention_pct"])
+             for task, row in rep["tasks"].items()}
+    return {"results": out, "table": table}
+
+
+def test_reproduce_runs_skips_and_redoes(setup):
+    root, data, preset = setup
+    run = root / "run1"
+    summary = reproduce(str(preset), str(data), str(run))
+    assert [s["stage"] for s in summary] == STAGES
+    assert all(s["status"] == "done" for s in summary)
+    for name in ("report.md", "report.json", "report.png"):
+        assert (run / name).is_file()
+    assert (run / "teacher" / "adapt.json").is_file()  # the head-less teacher was adapted
+    assert json.loads((run / "run.json").read_text())["data_checksums"]
+    res = json.loads((run / "finetune" / "student" / "mrpc" / "results.json").read_text())
+    assert [s["seed"] for s in res["seeds"]] == [1, 2] and res["seeds"][0]["n_train"] == 32
+    assert (run / "finetune" / "no_ce" / "cola" / "results.json").is_file()
+    assert (run / "distill" / "eval.json").is_file()
+
+    again = reproduce(str(preset), str(data), str(run))
+    assert all(s["status"] == "skipped" for s in again)
+
+    redo = reproduce(str(preset), str(data), str(run), from_stage="bench")
+    status = {s["stage"]: s["status"] for s in redo}
+    assert status["finetune"] == "skipped" and status["bench"] == "done" and status["report"] == "done"
+
+    changed = reproduce(str(preset), str(data), str(run), overrides=["bench.rounds=2"])
+    status = {s["stage"]: s["status"] for s in changed}
+    assert status["distill"] == "skipped" and status["bench"] == "done"
+
+
+def test_killed_reproduce_resumes_and_matches(setup):
+    """SIGKILL `reproduce` during fine-tuning, start it again: finished stages are skipped, scores equal."""
+    root, data, preset = setup
+    reference = root / "run1"
+    if not (reference / "report.json").is_file():
+        reproduce(str(preset), str(data), str(reference))
+    run = root / "run-killed"
+    env = {**os.environ, "DISTILKIT_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "distilkit.cli", "reproduce", "--preset", str(preset), "--data-dir", str(data),
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # kill once the first fine-tuning run has finished
+            if list((run / "stages").glob("finetune-*.json")) or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "reproduce finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (run / "stages" / "finetune.json").exists()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for stage in ("corpus", "adapt", "student", "distill", "variants"):
+        assert f"[reproduce] {stage:<9} skipped" in out.stderr, out.stderr[-3000:]
+    assert "[reproduce] finetune  done" in out.stderr
+    assert _scores(run) == _scores(reference)
+
+
+def test_preset_errors(setup, tmp_path):
+    root, data, preset = setup
+    with pytest.raises(DistilkitError, match="unknown preset"):
+        load_preset("no-such-preset")
+    with pytest.raises(DistilkitError, match="unknown key"):
+        load_preset(str(preset), ["distill_typo.steps=3"])
+    for name in ("quick", "cpu", "paper"):
+        cfg = load_preset(name)
+        assert cfg.finetune.tasks
+    with pytest.raises(DistilkitError, match="data directory"):
+        reproduce(str(preset), str(tmp_path / "nope"), str(tmp_path / "run"))
