@@ -1,0 +1,211 @@
+"""Smoke tests of benchmarks/distill_throughput.py and benchmarks/corpus_memory.py on tiny models.
+
+They check what the benchmarks compute (loss definitions, token counts, the FLOPs formula, the JSON),
+never timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distilkit import losses, models
+from distilkit.config import DistillConfig
+from distilkit.corpus import BlockCorpus, load_text_lines, prepare_corpus
+from distilkit.masking import IGNORE_INDEX
+from distilkit.student import student_from_teacher
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BLOCK = 32
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+dt = _load("distill_throughput")
+cm = _load("corpus_memory")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_teacher):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher, _ = models.load_teacher(str(tiny_teacher), warn_missing_head=False)
+    teacher.eval().requires_grad_(False)
+    student = student_from_teacher(teacher, [0, 2])
+    return teacher, student, models.load_tokenizer(str(tiny_teacher))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tiny_teacher, tiny_text_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench_corpus") / "corpus"
+    prepare_corpus(str(tiny_teacher), [str(tiny_text_file)], str(out), block_size=BLOCK, progress=False)
+    return out
+
+
+def _naive_variant(tiny, text, cfg=None, batch_size=4):
+    teacher, student, tok = tiny
+    lines = list(load_text_lines(text))
+    batches = dt.naive_batches(tok, lines, batch_size, BLOCK, seed=0)
+    return dt.NaiveStep(student, teacher, tok, cfg or DistillConfig(), batches, seed=0)
+
+
+def _padded_batch(variant):
+    for _ in range(20):  # a batch that really has padding, so that padding exclusion is tested
+        batch = next(variant.batches)
+        if int(batch.attention_mask.sum()) < batch.attention_mask.numel():
+            return batch
+    raise AssertionError("no padded batch found")
+
+
+def _close(a, b, tol=1e-5):
+    a, b = float(torch.as_tensor(a).detach()), float(torch.as_tensor(b).detach())
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def test_naive_loss_equals_distilkit_loss_with_kl_at_all_positions(tiny, tiny_text_file):
+    """On identical (padded, masked) inputs, the naive full-logits loss = compute_losses(kl_positions='all')."""
+    teacher, _, _ = tiny
+    naive = _naive_variant(tiny, tiny_text_file)
+    naive.student.eval()
+    batch = _padded_batch(naive)
+    inputs = naive.mask(batch)
+    assert (inputs["labels"] != IGNORE_INDEX).any()
+    cfg = DistillConfig(kl_positions="all")
+    ref = dt.naive_losses(naive.student, teacher, inputs, cfg)
+    got = losses.compute_losses(naive.student, teacher, inputs, cfg)
+    for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+        assert _close(got[key], ref[key]), (key, float(got[key]), float(ref[key]))
+    assert got["n_tokens"] == ref["n_tokens"] == int(batch.attention_mask.sum())
+
+
+def test_partial_projection_equals_full_logits_at_masked_positions(tiny, tiny_corpus):
+    """distilkit's step (projection only at masked positions) = the full-logits terms gathered at those positions."""
+    teacher, student, tok = tiny
+    blocks = BlockCorpus(tiny_corpus)
+    cfg = DistillConfig()  # kl_positions="masked"
+    v = dt.DistilkitStep(student, teacher, tok, cfg, dt.block_batches(blocks, 4, tok.pad_token_id,
+                                                                         tok.cls_token_id, tok.sep_token_id), seed=0)
+    v.student.eval()
+    batch = next(v.batches)
+    assert batch.text_tokens == 4 * (BLOCK - 2) and batch.lengths == [BLOCK] * 4
+    inputs = v.mask(batch)
+    got = v.loss(inputs)
+    masked = inputs["labels"].reshape(-1) != IGNORE_INDEX
+    s_out = v.student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+    vocab = s_out.logits.shape[-1]
+    s_l, t_l = s_out.logits.reshape(-1, vocab)[masked], t_out.logits.reshape(-1, vocab)[masked]
+    T = cfg.temperature
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s_l / T, -1), torch.softmax(t_l / T, -1), reduction="batchmean") * T**2
+    ce = torch.nn.functional.cross_entropy(s_l, inputs["labels"].reshape(-1)[masked])
+    dim = s_out.hidden_states[-1].shape[-1]
+    cos = 1 - torch.nn.functional.cosine_similarity(s_out.hidden_states[-1].reshape(-1, dim),
+                                                    t_out.hidden_states[-1].reshape(-1, dim)).mean()
+    assert _close(got["loss_ce"], kl) and _close(got["loss_mlm"], ce) and _close(got["loss_cos"], cos)
+    assert v.projected(inputs, got) == int(masked.sum()) == got["n_masked"]
+
+
+@pytest.mark.parametrize("kind", ["naive", "distilkit", "distilkit_kl_all"])
+def test_flops_formula_matches_torch_flop_counter(tiny, tiny_text_file, tiny_corpus, kind):
+    """The analytic matmul FLOPs of a step (executed work) = what torch's FlopCounterMode counts."""
+    teacher, student, tok = tiny
+    if kind == "naive":
+        v = _naive_variant(tiny, tiny_text_file)
+        batch = _padded_batch(v)
+    else:
+        blocks = BlockCorpus(tiny_corpus)
+        cfg = DistillConfig(kl_positions="all" if kind == "distilkit_kl_all" else "masked")
+        v = dt.DistilkitStep(student, teacher, tok, cfg, dt.block_batches(blocks, 4, 0, tok.cls_token_id, tok.sep_token_id), 0)
+        batch = next(v.batches)
+    inputs = v.mask(batch)
+    box = {}
+
+    def fwd_bwd():
+        box["result"] = v.loss(inputs)
+        box["result"]["loss"].backward()
+
+    counted = dt.count_flops(fwd_bwd)
+    n = v.projected(inputs, box["result"])
+    shape = dt.Shape.of(teacher, v.student)
+    stats = dt.StepStats(batch.text_tokens, batch.lengths, batch.input_ids.shape[1], box["result"]["n_masked"], n, 0.0)
+    assert counted == pytest.approx(dt.executed_flops(shape, stats), rel=1e-9)
+    if kind == "naive":  # useful work: real lengths and masked positions only, less than what ran
+        assert dt.model_flops(shape, stats) < dt.executed_flops(shape, stats)
+        assert n == batch.input_ids.numel()
+    else:
+        assert dt.model_flops(shape, stats, v.credit) == pytest.approx(counted, rel=1e-9)
+
+
+def test_flops_formula_by_hand():
+    shape = dt.Shape(teacher_layers=6, student_layers=3, d=384, f=1536, vocab=30522)
+    per_layer = 128 * (8 * 384**2 + 4 * 384 * 1536) + 4 * 128**2 * 384
+    head = 100 * (2 * 384**2 + 2 * 384 * 30522)
+    assert dt.step_flops(shape, [128], 100, 100) == 6 * per_layer + head + 3 * (3 * per_layer + head)
+
+
+def test_benchmark_end_to_end(tiny_teacher, tiny_text_file, tiny_corpus, tmp_path):
+    out = tmp_path / "results" / "dt.json"
+    r = dt.main(["--teacher", str(tiny_teacher), "--text", str(tiny_text_file), "--corpus", str(tiny_corpus),
+                 "--layers", "0,2", "--batch-size", "4", "--max-length", str(BLOCK), "--rounds", "2", "--steps", "2",
+                 "--peak-size", "64", "--peak-repeats", "2", "--out", str(out), "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    res = r["results"]
+    assert set(res) == {"naive", "distilkit", "distilkit_kl_all"}
+    assert res["distilkit"]["text_tokens_per_step"] == 4 * (BLOCK - 2)
+    assert res["distilkit"]["padded_positions_per_step"] == res["distilkit"]["positions_per_step"] == 4 * BLOCK
+    assert res["naive"]["positions_per_step"] - res["naive"]["text_tokens_per_step"] == 2 * 4  # [CLS] + [SEP] each
+    assert res["naive"]["projected_per_step"] == res["naive"]["padded_positions_per_step"]
+    assert res["distilkit"]["projected_per_step"] == res["distilkit"]["masked_per_step"]
+    assert res["distilkit_kl_all"]["projected_per_step"] == 4 * BLOCK
+    for v in res.values():
+        assert len(v["tokens_per_s"]["rounds"]) == 2 and len(v["step_seconds_per_round"][0]) == 2
+        assert v["tokens_per_s"]["median"] > 0 and 0 < v["mfu"] and np.isfinite(v["last_loss"])
+        assert v["model_flops_per_text_token"] <= v["executed_flops_per_text_token"]
+    ratio = res["distilkit"]["tokens_per_s"]["median"] / res["naive"]["tokens_per_s"]["median"]
+    assert r["speedup"]["distilkit_vs_naive"]["ratio_of_medians"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
+    assert r["targets"]["speedup_met"] == (r["targets"]["speedup"] >= 2.0)
+    assert r["peak"]["gflops"] == pytest.approx(max(p["gflops"] for p in r["peak"]["measurements"]), rel=1e-9)
+    assert len(r["peak"]["measurements"]) == 3  # before the rounds and after each
+    assert r["data"]["corpus_blocks"] == len(BlockCorpus(tiny_corpus)) and len(r["data"]["corpus_sha256"]) == 64
+    assert "git_commit" in r and "torch" in r and r["machine"]["threads"] >= 1
+    for name in ("naive", "distilkit"):
+        assert (out.parent / r["profile"][name]["table"]).is_file()
+        assert sum(r["profile"][name]["self_cpu_share_by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert set(r["profile"][name]["phases"]["seconds"]) >= {"forward (teacher + student + losses)", "backward"}
+    assert set(r["micro"]["adamw_step_ms"]) == {"default", "foreach", "fused"}
+
+
+def test_read_memory_reads_every_block_once(tiny_corpus):
+    r = cm.measure_read_memory(str(tiny_corpus), batch_size=5, isolated=False)
+    blocks = BlockCorpus(tiny_corpus)
+    assert r["blocks"] == len(blocks) and r["batches"] == -(-len(blocks) // 5)
+    assert r["checksum"] == int(blocks.batch(np.arange(len(blocks))).sum())
+    assert r["shard_bytes"] == len(blocks) * BLOCK * 2
+
+
+@pytest.mark.slow
+def test_corpus_memory_end_to_end(tiny_teacher, tiny_text_file, tmp_path):
+    out = tmp_path / "cm.json"
+    r = cm.main(["--tokenizer", str(tiny_teacher), "--text", str(tiny_text_file), "--copies", "1,3",
+                 "--block-size", str(BLOCK), "--out", str(out), "--quiet", "--tmp-dir", str(tmp_path)])
+    assert json.loads(out.read_text())["flat"] == r["flat"]
+    one, three = r["runs"]
+    assert three["prepare"]["tokens"] >= 3 * one["prepare"]["tokens"] - 2 * BLOCK
+    assert three["read"]["blocks"] >= 3 * one["read"]["blocks"] - 2
+    assert r["flat"]["token_ratio"] == pytest.approx(3.0, rel=0.01)
