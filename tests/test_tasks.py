@@ -1,0 +1,297 @@
+"""Task registry, loaders (fixtures in the real file formats, and the real data) and metrics."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from distilkit import tasks
+from distilkit.cli import main
+from distilkit.tasks import TASKS, Example, get_task, load_split, truncate_ids
+from distilkit.utils import DistilkitError
+
+# --------------------------------------------------------------------------- fixture files in the real formats
+
+GOOD = ["the film was good", "a great and good story", "good movie , very good", 'he said " good " to them']
+BAD = ["the film was bad", "a bad story", "not good , very bad", "bad bad movie"]
+MRPC_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+PAIR_HEADER = "index\tsentence1\tsentence2\tlabel"
+
+
+def _rows(n: int, seed: int) -> list[tuple[str, str, int]]:
+    """n (sentence1, sentence2, label) triples; label 1 when sentence1 says 'good' (learnable by a tiny model)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = int(rng.integers(2))
+        a = (GOOD if label else BAD)[i % 4] + f" {' '.join(rng.choice(['the', 'of', 'and', 'it', 'is'], size=i % 5))}"
+        b = (GOOD if rng.integers(2) else BAD)[(i + 1) % 4]
+        out.append((a.strip(), b, label))
+    return out
+
+
+def _write(path: Path, lines: list[str], final_newline: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + ("\n" if final_newline else ""), encoding="utf-8")
+
+
+def write_task_files(root: Path, n_train: int = 48, n_dev: int = 24) -> Path:
+    """Write every task's train/eval files under `root` in the real formats. Returns root."""
+    for split, n, seed in (("train", n_train, 0), ("dev", n_dev, 1)):
+        rows = _rows(n, seed)
+        cola = [f"gj04\t{y}\t{'' if y else '*'}\t{a}" for a, _, y in rows]
+        _write(root / "cola/glue" / f"{split}.tsv", cola)
+        if split == "train":
+            _write(root / "cola/raw/in_domain_train.tsv", cola)
+        else:
+            half = len(cola) // 2
+            _write(root / "cola/raw/in_domain_dev.tsv", cola[:half])
+            _write(root / "cola/raw/out_of_domain_dev.tsv", cola[half:], final_newline=False)  # as released
+        _write(root / "mrpc" / f"{split}.tsv", [MRPC_HEADER] + [f"{y}\t{100 + i}\t{200 + i}\t{a}\t{b}" for i, (a, b, y) in enumerate(rows)])
+        _write(root / "sst2" / f"{split}.tsv", ["sentence\tlabel"] + [f"{a} \t{y}" for a, _, y in rows])
+        rte = ["entailment", "not_entailment"]
+        _write(root / "rte" / f"{split}.tsv", [PAIR_HEADER] + [f"{i}\t{a}\t{b}\t{rte[y]}" for i, (a, b, y) in enumerate(rows)])
+        _write(root / "wnli" / f"{split}.tsv", [PAIR_HEADER] + [f"{i}\t{a}\t{b}\t{y}" for i, (a, b, y) in enumerate(rows)])
+        stsb = [f"{i}\tmain-news\tfile\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{(4.0 * y + 0.2 * (i % 5)):.3f}" for i, (a, b, y) in enumerate(rows)]
+        _write(root / "stsb" / f"{split}.tsv", [STSB_HEADER] + stsb)
+    for split, seed in (("train", 2), ("test", 3)):
+        rows = _rows(n_train if split == "train" else n_dev, seed)
+        for shard in range(2):  # IMDb: gzip JSON lines, several shards
+            path = root / "imdb" / f"{split}-0000{shard}-of-00002.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt", encoding="utf-8") as fh:
+                for a, b, y in rows[shard::2]:
+                    fh.write(json.dumps({"text": f"{a} <br /><br /> {b} . {a}", "label": y, "id": 0, "rating": 8}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    return write_task_files(tmp_path_factory.mktemp("tasks"))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_has_every_task_with_consistent_fields():
+    assert set(TASKS) == {"cola", "cola-v1.1", "mrpc", "sst2", "imdb", "rte", "stsb", "wnli"}
+    for name, t in TASKS.items():
+        assert get_task(name) is t
+        assert t.eval_split in t.splits and "train" in t.splits
+        assert t.num_labels == (1 if t.is_regression else len(t.labels))
+    assert TASKS["stsb"].is_regression and TASKS["stsb"].num_labels == 1
+    assert [n for n, t in TASKS.items() if t.is_pair] == ["mrpc", "rte", "stsb", "wnli"]
+    assert TASKS["imdb"].eval_split == "test" and TASKS["imdb"].defaults.truncation == "head_tail"
+    assert {t.defaults.max_length for n, t in TASKS.items() if n != "imdb"} == {128}
+
+
+def test_unknown_task_lists_known_tasks():
+    with pytest.raises(DistilkitError, match=r"unknown task 'qqp'; known tasks: cola, cola-v1.1, mrpc"):
+        get_task("qqp")
+
+
+# --------------------------------------------------------------------------- metrics
+
+Y = np.array([1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0])
+P = np.array([1, 0, 0, 1, 0, 1, 1, 0, 1, 0, 1, 1])
+YS = np.array([0.0, 1.2, 3.4, 2.2, 5.0, 4.1, 0.6, 2.9, 3.3, 1.0])
+PS = np.array([0.3, 1.0, 2.9, 2.8, 4.2, 4.4, 1.5, 2.1, 3.9, 0.2])
+
+
+def test_metrics_agree_with_sklearn_and_scipy():
+    assert tasks.matthews(P, Y)["matthews_corr"] == pytest.approx(matthews_corrcoef(Y, P), abs=1e-12)
+    f1 = tasks.f1_and_accuracy(P, Y)
+    assert f1["f1"] == pytest.approx(f1_score(Y, P), abs=1e-12)
+    assert f1["accuracy"] == pytest.approx(accuracy_score(Y, P), abs=1e-12)
+    assert tasks.accuracy(P, Y)["accuracy"] == pytest.approx(8 / 12)
+    corr = tasks.pearson_and_spearman(PS, YS)
+    assert corr["pearson"] == pytest.approx(pearsonr(PS, YS).statistic, abs=1e-12)
+    assert corr["spearman"] == pytest.approx(spearmanr(PS, YS).statistic, abs=1e-12)
+
+
+def test_metrics_by_hand():
+    # Y/P confusion: tp 5, tn 3, fp 2, fn 2
+    tp, tn, fp, fn = 5, 3, 2, 2
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert tasks.matthews(P, Y)["matthews_corr"] == pytest.approx(mcc, abs=1e-12)
+    assert tasks.f1_and_accuracy(P, Y)["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    # constant predictions: correlation undefined -> 0, not NaN
+    assert tasks.matthews(np.ones_like(Y), Y)["matthews_corr"] == 0.0
+    assert tasks.pearson_and_spearman(np.full(10, 2.0), YS) == {"pearson": 0.0, "spearman": 0.0}
+
+
+def test_paper_scores():
+    assert TASKS["cola"].score_fn({"matthews_corr": 0.513}) == pytest.approx(51.3)
+    assert TASKS["mrpc"].score_fn({"f1": 0.9, "accuracy": 0.85}) == pytest.approx(87.5)
+    assert TASKS["stsb"].score_fn({"pearson": 0.87, "spearman": 0.868}) == pytest.approx(86.9)
+    assert TASKS["sst2"].score_fn({"accuracy": 0.913}) == pytest.approx(91.3)
+    assert TASKS["imdb"].score_name == "acc x100" and TASKS["cola"].score_name == "mcc x100"
+
+
+# --------------------------------------------------------------------------- loaders on fixtures
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_load_every_task(task_dir, name):
+    t = get_task(name)
+    train = load_split(t, task_dir, "train")
+    ev = load_split(name, task_dir, "eval")
+    assert len(train) == 48 and len(ev) == 24
+    rows = _rows(48, 2 if name == "imdb" else 0)
+    if name == "imdb":  # shards hold every other row
+        rows = rows[0::2] + rows[1::2]
+    for ex, (a, b, y) in zip(train, rows):
+        if name == "imdb":
+            assert ex.text_a == f"{a} <br /><br /> {b} . {a}" and ex.text_b is None and ex.label == y
+        elif name == "stsb":
+            assert (ex.text_a, ex.text_b) == (a, b) and isinstance(ex.label, float) and 0 <= ex.label <= 5
+        else:
+            assert ex.text_a.strip() == a and ex.text_b == (b if t.is_pair else None) and ex.label == y
+
+
+def test_quotes_are_not_csv_quoting(task_dir):
+    """A bare '"' inside a sentence must not swallow the following lines (csv.QUOTE_NONE)."""
+    train = load_split("cola", task_dir, "train")
+    quoted = [e for e in train if '"' in e.text_a]
+    assert quoted and all(e.text_a.count('"') == 2 and "\n" not in e.text_a for e in quoted)
+
+
+def test_mrpc_bom_header_and_cola_v11_dev_concatenation(task_dir):
+    mrpc = load_split("mrpc", task_dir, "dev")
+    assert not any("Quality" in e.text_a for e in mrpc) and mrpc[0].text_a == _rows(24, 1)[0][0]
+    assert load_split("cola-v1.1", task_dir, "dev") == load_split("cola", task_dir, "dev")
+    with pytest.raises(DistilkitError, match="no split 'test'"):
+        load_split("cola", task_dir, "test")
+
+
+def test_rte_labels_map_to_ids(task_dir):
+    dev = load_split("rte", task_dir, "dev")
+    assert [e.label for e in dev] == [y for _, _, y in _rows(24, 1)]
+    assert TASKS["rte"].labels[0] == "entailment"
+
+
+# --------------------------------------------------------------------------- malformed files
+
+# (task, file to corrupt, 1-based line to replace, replacement, expected message part)
+BAD_CASES = [
+    ("cola", "cola/glue/train.tsv", 3, "gj04\t1\tjust three", "expected 4 tab-separated columns"),
+    ("cola", "cola/glue/dev.tsv", 5, "gj04\t2\t\tsome sentence", "expected label 0 or 1, got '2'"),
+    ("cola", "cola/glue/train.tsv", 7, "gj04\t1\t\t   ", "expected a non-empty text in column 4"),
+    ("cola-v1.1", "cola/raw/out_of_domain_dev.tsv", 2, "x\t1\t\ta\tb", "expected 4 tab-separated columns"),
+    ("mrpc", "mrpc/train.tsv", 4, "1\t1\t2\tonly one string", "expected 5 tab-separated columns"),
+    ("mrpc", "mrpc/dev.tsv", 2, "1\t1\t2\ta sentence\t", "expected a non-empty text in column 5"),
+    ("sst2", "sst2/train.tsv", 9, "a sentence\tpositive", "expected label 0 or 1, got 'positive'"),
+    ("rte", "rte/dev.tsv", 3, "1\ta\tb\tentails", "expected label entailment or not_entailment, got 'entails'"),
+    ("stsb", "stsb/train.tsv", 6, "\t".join(["1"] * 7 + ["a", "b", "5.5"]), "expected a score between 0 and 5, got '5.5'"),
+    ("stsb", "stsb/dev.tsv", 2, "\t".join(["1"] * 9), "expected 10 tab-separated columns"),
+    ("wnli", "wnli/train.tsv", 1, "index\tsentence1\tsentence2", "expected 4 tab-separated columns"),
+]
+
+
+def _corrupt(root: Path, rel: str, line: int, text: str) -> None:
+    path = root / rel
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[line - 1] = text
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize("task,rel,line,text,expected", BAD_CASES)
+def test_malformed_tsv_names_file_and_line(tmp_path, task, rel, line, text, expected):
+    root = write_task_files(tmp_path, n_train=12, n_dev=8)
+    _corrupt(root, rel, line, text)
+    split = "train" if "train" in rel else "eval"
+    with pytest.raises(DistilkitError) as err:
+        load_split(task, root, split)
+    assert str(err.value) == f"{root / rel}:{line}: " + str(err.value).split(": ", 1)[1]
+    assert f"{rel}:{line}: " in str(err.value) and expected in str(err.value)
+
+
+def test_malformed_imdb(tmp_path):
+    root = write_task_files(tmp_path, n_train=12, n_dev=8)
+    path = root / "imdb/test-00001-of-00002.jsonl.gz"
+    for bad, expected in [
+        ('{"text": "fine", "label": 2}', "expected label 0 or 1, got '2'"),
+        ('{"text": "  ", "label": 1}', "expected a non-empty 'text'"),
+        ('{"text": "cut', "expected a JSON object with fields 'text' and 'label'"),
+    ]:
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write('{"text": "ok", "label": 0}\n' + bad + "\n")
+        with pytest.raises(DistilkitError, match=re.escape(f"test-00001-of-00002.jsonl.gz:2: {expected}")):
+            load_split("imdb", root, "eval")
+
+
+def test_missing_split(tmp_path):
+    root = write_task_files(tmp_path, n_train=12, n_dev=8)
+    (root / "rte/dev.tsv").unlink()
+    with pytest.raises(DistilkitError, match=r"rte/dev\.tsv: expected the rte dev split file\(s\) here \(not found\)"):
+        load_split("rte", root, "eval")
+    for f in (root / "imdb").glob("train-*"):
+        f.unlink()
+    with pytest.raises(DistilkitError, match=r"imdb/train-\*\.jsonl\.gz: expected the imdb train split"):
+        load_split("imdb", root, "train")
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_cli_bad_data_exits_2_with_one_line(tmp_path, tiny_teacher, capsys, command):
+    root = write_task_files(tmp_path / "data", n_train=12, n_dev=8)
+    _corrupt(root, "mrpc/dev.tsv", 4, "1\t1\t2\ta")
+    out = tmp_path / "out"
+    argv = [command, "--model", str(tiny_teacher), "--task", "mrpc", "--data-dir", str(root)]
+    argv += ["--out", str(out)] if command == "finetune" else ["--out", str(out / "eval.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"mrpc/dev.tsv:4: expected 5 tab-separated columns" in err
+    assert not out.exists()
+
+
+def test_cli_unknown_task_exits_2(tmp_path, tiny_teacher, capsys):
+    rc = main(["finetune", "--model", str(tiny_teacher), "--task", "qnli", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown task 'qnli'; known tasks: cola, cola-v1.1, mrpc, sst2, rte, stsb, wnli, imdb" in err
+
+
+# --------------------------------------------------------------------------- truncation
+
+
+def test_head_tail_truncation():
+    ids = list(range(1000))
+    kept = truncate_ids(ids, 510, "head_tail")
+    assert kept == list(range(128)) + list(range(1000 - 382, 1000))
+    assert truncate_ids(ids, 30, "head") == list(range(30))
+    assert truncate_ids(ids[:20], 30, "head_tail") == ids[:20]
+    short = truncate_ids(ids, 126, "head_tail")
+    assert len(short) == 126 and short[:32] == list(range(32)) and short[-1] == 999
+    with pytest.raises(DistilkitError):
+        truncate_ids(ids, 30, "middle")
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    "name,split,n,n_pos",
+    [
+        ("cola", "train", 8551, 6023), ("cola", "dev", 1043, 721),
+        ("cola-v1.1", "train", 8551, 6023), ("cola-v1.1", "dev", 1043, 719),
+        ("mrpc", "train", 3668, 2474), ("mrpc", "dev", 408, 279),
+        ("sst2", "train", 67349, 37569), ("sst2", "dev", 872, 444),
+        ("imdb", "test", 25000, 12500),
+    ],
+)
+def test_real_data_counts(shared_data, name, split, n, n_pos):
+    examples = load_split(name, shared_data, split)
+    assert len(examples) == n
+    assert sum(e.label for e in examples) == n_pos
+    assert all(isinstance(e, Example) and e.text_a.strip() for e in examples)
+    assert all((e.text_b is not None) == get_task(name).is_pair for e in examples)
