@@ -172,6 +172,90 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 # =========================================================================== finetune / evaluate
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from .tasks import TASKS
+
+    p = sub.add_parser("finetune", help="fine-tune a teacher or student on a GLUE task or IMDb (one run per seed)")
+    p.add_argument("--model", required=True, help="model folder (BERT or DistilBERT), hub id, or 'minilm'")
+    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--data-dir", required=True, help="folder holding <task>/... files (e.g. ../shared/data), or hf:[PATH[:CONFIG]]")
+    p.add_argument("--out", required=True, help="output folder: results.json and model/ (the first seed's model)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3 (default 1)")
+    p.add_argument("--epochs", type=float, help="epochs (may be fractional; default: per task)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: per task)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: per task)")
+    p.add_argument("--max-length", type=int, help="max tokens per example incl. special tokens (default: per task)")
+    p.add_argument("--max-train", type=int, help="use a seeded random subset of N training examples")
+    p.add_argument("--max-eval", type=int, help="use a seeded random subset of N evaluation examples")
+    p.add_argument("--distill-from", help="fine-tuned teacher folder: task-specific distillation (the paper's '(D)')")
+    p.add_argument("--alpha-kd", type=float, help="weight of the distillation loss (default 0.5)")
+    p.add_argument("--temperature", type=float, help="distillation temperature (default 2.0)")
+    p.add_argument("--save-models", choices=["first", "all", "none"], help="which fine-tuned models to save (default first)")
+    p.add_argument("--config", help="YAML file with FinetuneConfig fields (top level or under 'finetune')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import FinetuneConfig, load_config, read_yaml
+    from .finetune import finetune, parse_seeds
+
+    section = "finetune" if args.config and "finetune" in read_yaml(args.config) else None
+    cfg = load_config(FinetuneConfig, args.config, args.set, section=section)
+    flags = {  # explicit options win over --config and --set
+        "seeds": parse_seeds(args.seeds) if args.seeds is not None else None,
+        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
+        "max_train": args.max_train, "max_eval": args.max_eval, "distill_from": args.distill_from,
+        "alpha_kd": args.alpha_kd, "temperature": args.temperature, "save_models": args.save_models,
+        "overwrite": args.overwrite or None,
+    }
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    r = finetune(args.model, args.task, args.data_dir, args.out, cfg)
+    for s in r["seeds"]:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
+        print(f"seed {s['seed']}: {metrics}; {r['score_name']} {s['score']:.2f} "
+              f"({s['n_train']} train / {s['n_eval']} eval examples, {s['train_wall_s']:.0f}s)")
+    sc = r["score"]
+    print(f"{r['task']} {r['score_name']}: median {sc['median']:.2f} (min {sc['min']:.2f}, max {sc['max']:.2f}, "
+          f"{sc['n']} seed(s)) -> {args.out}/results.json")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .tasks import TASKS
+
+    p = sub.add_parser("evaluate", help="score a fine-tuned model on a task's evaluation split")
+    p.add_argument("--model", required=True, help="fine-tuned model folder (e.g. RUN/model)")
+    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--data-dir", required=True, help="folder holding <task>/... files, or hf:[PATH[:CONFIG]]")
+    p.add_argument("--max-eval", type=int, help="use a seeded random subset of N evaluation examples")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--max-length", type=int, help="max tokens (default: as fine-tuned, else per task)")
+    p.add_argument("--out", help="JSON file to write (default: eval.json beside the model folder, in its parent)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .finetune import evaluate
+    from .models import resolve_model
+
+    out = args.out
+    if out is None and Path(args.model).is_dir():
+        out = str(Path(resolve_model(args.model)).resolve().parent / "eval.json")
+    r = evaluate(args.model, args.task, args.data_dir, args.max_eval,
+                 batch_size=args.batch_size, max_length=args.max_length, out=out)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+    print(f"{r['task']} ({r['n_eval']} examples): {metrics}; {r['score_name']} {r['score']:.2f}"
+          + (f" -> {out}" if out else ""))
+    return 0
+
+
 # =========================================================================== bench / report / reproduce
 
 
@@ -268,7 +352,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student, _add_adapt_teacher, _add_distill, _add_prepare_corpus, _add_reproduce, _add_bench, _add_report]
+COMMANDS = [_add_init_student, _add_adapt_teacher, _add_distill, _add_prepare_corpus, _add_reproduce, _add_bench, _add_report, _add_finetune, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
