@@ -432,7 +432,7 @@ def optimizer_ms(student, cfg: DistillConfig, impls=("default", "foreach", "fuse
     return out
 
 
-def teacher_forward_ms(teacher, batch: Batch, positions: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+def teacher_forward_ms(teacher, batch: Batch, positions: torch.Tensor, repeats: int = 2) -> dict[str, float]:
     """Milliseconds per teacher forward (hidden + logits at `positions`) under no_grad vs inference_mode."""
     fwd = losses.MLMForward(teacher)
     out = {}
@@ -444,6 +444,41 @@ def teacher_forward_ms(teacher, batch: Batch, positions: torch.Tensor, repeats: 
                 fwd(batch.input_ids, batch.attention_mask, positions)
             times.append(time.perf_counter() - t)
         out[name] = round(statistics.median(times[1:]) * 1e3, 1)
+    return out
+
+
+def loss_terms_ms(student, teacher, inputs: dict[str, torch.Tensor], cfg: DistillConfig, compiled: bool = False,
+                  repeats: int = 3) -> dict[str, float]:
+    """Milliseconds for KL + masked-LM CE (forward + backward) on real logits at the masked positions,
+    eager and (when `compiled`) through torch.compile, plus the one-off compile time."""
+    positions = (inputs["labels"].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    with torch.no_grad():
+        _, s_logits = losses.MLMForward(student)(inputs["input_ids"], inputs["attention_mask"], positions)
+        _, t_logits = losses.MLMForward(teacher)(inputs["input_ids"], inputs["attention_mask"], positions)
+    labels = inputs["labels"].reshape(-1).index_select(0, positions)
+
+    def terms(s, t, y):
+        return cfg.alpha_ce * losses.kl_distill(s, t, cfg.temperature) + cfg.alpha_mlm * losses.masked_lm_loss(s, y)
+
+    def run(fn):
+        s = s_logits.clone().requires_grad_(True)
+        fn(s, t_logits, labels).backward()
+
+    out = {"positions": int(positions.numel())}
+    fns = {"eager": terms}
+    if compiled:
+        fns["compiled"] = torch.compile(terms, dynamic=True)
+        t = time.perf_counter()
+        run(fns["compiled"])
+        out["compile_seconds"] = round(time.perf_counter() - t, 1)
+    for name, fn in fns.items():
+        run(fn)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run(fn)
+            times.append(time.perf_counter() - t)
+        out[f"{name}_ms"] = round(statistics.median(times) * 1e3, 1)
     return out
 
 
@@ -513,6 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="profile one distilkit and one naive step (tables next to --out)")
     p.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True,
                    help="time candidate changes: AdamW implementations, teacher under inference_mode")
+    p.add_argument("--micro-compile", action="store_true",
+                   help="with --micro: also time the KL + CE terms through torch.compile (compiles for ~1 minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quiet", action="store_true")
@@ -700,7 +737,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 atomic_write_text(name, f"# torch.profiler, one {v.name} step, top ops by self CPU time\n"
                                         f"# command: {out['command']}\n{table}\n")
                 profiles[v.name] = {"table": name.name, **summary,
-                                    "phases": step_phases(v, next(v.batches), shape)}
+                                    "phases": step_phases(v, next(v.batches), shape, repeats=1 if v.name == "naive" else 2)}
             out["profile"] = profiles
         if args.micro:
             _progress("micro-measurements", quiet)
@@ -709,7 +746,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             positions = ((masked["labels"].reshape(-1) != IGNORE_INDEX)).nonzero().squeeze(1)
             out["micro"] = {
                 "adamw_step_ms": optimizer_ms(student, cfg),
+                "adamw_note": "default = foreach=False, the single-tensor loop torch.optim.AdamW picks on CPU "
+                              "(what distill.train builds today)",
                 "teacher_forward_ms": teacher_forward_ms(teacher, b, positions),
+                "loss_terms": loss_terms_ms(variants[1].student, teacher, masked, cfg, compiled=args.micro_compile),
             }
         out["seconds"] = round(time.time() - started, 1)
         out["load_after"] = load_average()
