@@ -15,14 +15,19 @@ The corpus comes before adaptation because adapting needs text. A stamp holds a 
 config and of the stamps it depends on; a stage whose stamp matches is skipped. `--from STAGE` redoes
 that stage and all after it. A run killed mid-stage restarts that stage (distillation and adaptation
 continue from their last checkpoint; fine-tuning restarts at the first unfinished task).
+
+Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1), the training stages (adapt, distill,
+variants) use every process and the others run on the main process only; the run then stops after
+`variants`: start the same command again as one process for fine-tuning, bench and report.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,6 +39,7 @@ from .config import CONFIG_DIR, apply_overrides, from_dict, read_yaml, to_dict
 from .utils import DistilkitError, atomic_write_json, atomic_write_text, provenance, sha256_file
 
 STAGES = ["corpus", "adapt", "student", "distill", "variants", "finetune", "bench", "report"]
+DISTRIBUTED = ("adapt", "distill", "variants")  # stages that use every process under torchrun / accelerate launch
 
 
 # =========================================================================== config
@@ -155,6 +161,7 @@ class Pipeline:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.keys: dict[str, str] = {}
         self.summary: list[dict] = []
+        self.state: Any = None  # accelerate.PartialState when launched with several processes
         if not self.data.is_dir():
             raise DistilkitError(f"{self.data}: data directory not found")
 
@@ -173,6 +180,13 @@ class Pipeline:
             return str(self.run / "distill" / "final")
         return str(self.run / "variants" / variant / "final")
 
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def _main_first(self):
+        return contextlib.nullcontext() if self.state is None else self.state.main_process_first()
+
     # ---- driver
     def run_all(self, from_stage: str | None = None) -> list[dict]:
         self.run.mkdir(parents=True, exist_ok=True)
@@ -180,22 +194,43 @@ class Pipeline:
             if from_stage not in STAGES:
                 raise DistilkitError(f"--from: unknown stage '{from_stage}', expected one of {STAGES}")
             self.stamps.clear_from(from_stage)
-        self._write_run_json()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        state = None
+        if world > 1:
+            from accelerate import PartialState
+
+            state = self.state = PartialState(cpu=not _cuda())
+        if state is None or state.is_main_process:
+            self._write_run_json()
         upstream = ""
         for name in STAGES:
             stage_cfg = self._stage_config(name)
             key = _hash({"stage": name, "config": stage_cfg, "upstream": upstream})
             self.keys[name] = key
-            t0 = time.perf_counter()
-            if self.stamps.done(name, key):
-                self._note(name, "skipped", 0.0, "up to date")
+            if state is not None and name not in DISTRIBUTED:
+                if STAGES.index(name) > STAGES.index(DISTRIBUTED[-1]):
+                    if state.is_main_process:
+                        self.log(f"[reproduce] stopping after '{DISTRIBUTED[-1]}' ({world} processes): run the same "
+                                 "command again as a single process for fine-tuning, bench and report")
+                    break
+                with state.main_process_first():  # main runs the stage; the others then find its stamp
+                    self._run_stage(name, key, quiet=not state.is_main_process)
             else:
-                outputs = getattr(self, f"stage_{name}")(key)
-                seconds = time.perf_counter() - t0
-                self.stamps.write(name, key, seconds, outputs or {})
-                self._note(name, "done", seconds, outputs.get("note", "") if outputs else "")
+                self._run_stage(name, key, quiet=state is not None and not state.is_main_process)
             upstream = key
         return self.summary
+
+    def _run_stage(self, name: str, key: str, quiet: bool = False) -> None:
+        t0 = time.perf_counter()
+        if self.stamps.done(name, key):
+            if not quiet:
+                self._note(name, "skipped", 0.0, "up to date")
+            return
+        outputs = getattr(self, f"stage_{name}")(key)
+        seconds = time.perf_counter() - t0
+        if not quiet:
+            self.stamps.write(name, key, seconds, outputs or {})
+            self._note(name, "done", seconds, outputs.get("note", "") if outputs else "")
 
     def _note(self, name: str, status: str, seconds: float, detail: str) -> None:
         self.summary.append({"stage": name, "status": status, "seconds": round(seconds, 1)})
@@ -323,22 +358,25 @@ class Pipeline:
             sub_key = _hash({"variant": to_dict(v), "upstream": self.keys["distill"]})
             if self.stamps.done(f"variants-{v.name}", sub_key):
                 continue
+            if v.init not in ("teacher", "random", "none"):
+                raise DistilkitError(f"variants.{v.name}.init: expected teacher, random or none, got '{v.init}'")
             t0 = time.perf_counter()
             init = vdir / "init"
-            init_student(self.teacher_dir, init, layers=self.cfg.student.layers, every=self.cfg.student.every, overwrite=True)
-            if v.init == "random":
-                _reinitialise(init)
-            elif v.init == "none":  # no distillation at all: the cut student is fine-tuned directly
-                shutil.rmtree(vdir / "final", ignore_errors=True)
-                shutil.copytree(init, vdir / "final")
-            elif v.init != "teacher":
-                raise DistilkitError(f"variants.{v.name}.init: expected teacher, random or none, got '{v.init}'")
-            if v.init != "none":
+            with self._main_first():  # files are written by the main process only
+                if self.is_main:
+                    init_student(self.teacher_dir, init, layers=self.cfg.student.layers, every=self.cfg.student.every,
+                                 overwrite=True)
+                    if v.init == "random":
+                        _reinitialise(init)
+            if v.init != "none":  # "none": no distillation at all, the cut student is fine-tuned directly
                 self._distill(str(init), vdir / "distill", {**self.cfg.distill, **v.distill})
+            if self.is_main:
                 shutil.rmtree(vdir / "final", ignore_errors=True)
-                shutil.copytree(vdir / "distill" / "final", vdir / "final")
-            self.stamps.write(f"variants-{v.name}", sub_key, time.perf_counter() - t0, {"student": str(vdir / "final")})
+                shutil.copytree(init if v.init == "none" else vdir / "distill" / "final", vdir / "final")
+                self.stamps.write(f"variants-{v.name}", sub_key, time.perf_counter() - t0, {"student": str(vdir / "final")})
             done.append(v.name)
+        if not self.is_main:
+            return {}
         atomic_write_json(self.run / "variants.json", {
             v.name: {"label": v.label or v.name, "paper_key": v.paper_key, "init": v.init, "distill": v.distill}
             for v in self.cfg.variants
@@ -395,6 +433,12 @@ class Pipeline:
 
 
 # =========================================================================== helpers
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _has_checkpoint(out: Path) -> bool:
