@@ -66,9 +66,9 @@ corpus:
 distill: {{steps: 6, batch_size: 4, save_every: 2, eval_batches: 2}}
 finetune:
   tasks: [cola, mrpc]
-  seeds: [1, 2]
+  seeds: [1]
   common: {{epochs: 1, batch_size: 8, max_length: 32}}
-  per_task: {{mrpc: {{max_train: 32}}}}
+  per_task: {{mrpc: {{max_train: 32, seeds: [1, 2]}}}}
 variants:
   - {{name: no_ce, label: without L_ce, paper_key: "without L_ce (L_cos + L_mlm)", distill: {{alpha_ce: 0}}, tasks: [cola], seeds: [1]}}
 bench: {{task: mrpc, rounds: 1, max_sentences: 8}}

@@ -344,9 +344,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     command = "distilkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = reproduce(args.preset, args.data_dir, args.out, overrides=args.set, from_stage=args.from_stage,
                         command=command)
+    if not summary:  # a non-main process under torchrun / accelerate launch: the main one reports
+        return 0
     total = sum(s["seconds"] for s in summary)
+    ended = "report: " + os.path.join(args.out, "report.md") if summary[-1]["stage"] == "report" else \
+        f"stopped after {summary[-1]['stage']}"
     print(f"reproduce: {sum(s['status'] == 'done' for s in summary)} stage(s) run, "
-          f"{sum(s['status'] == 'skipped' for s in summary)} skipped, {total:.0f}s; report: {args.out}/report.md")
+          f"{sum(s['status'] == 'skipped' for s in summary)} skipped, {total:.0f}s; {ended}")
     return 0
 
 
