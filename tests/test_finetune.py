@@ -252,6 +252,18 @@ def test_distill_from_checks_teacher(tmp_path, data, student, finetuned_teachers
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_runs_after_an_accelerator_with_other_settings(tmp_path, data, student):
+    """Accelerate's process-wide state refuses changes; a pipeline distills (e.g. bf16), then fine-tunes in fp32."""
+    from accelerate.state import AcceleratorState
+
+    from distilkit.finetune import _accelerator
+
+    _accelerator("bf16")
+    assert AcceleratorState().mixed_precision == "bf16"
+    r = finetune(str(student), "sst2", str(data), str(tmp_path / "r"), quick(epochs=1, mixed_precision="no"))
+    assert r["device"] == "cpu" and r["seeds"][0]["steps"] == 6
+
+
 def test_output_folder_and_config_errors(tmp_path, data, student):
     out = tmp_path / "busy"
     out.mkdir()
