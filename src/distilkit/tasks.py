@@ -134,23 +134,24 @@ def _mean_x100(*names: str) -> Callable[[dict[str, float]], float]:
 
 # =========================================================================== registry
 
-_GLUE_PAIR = TsvFormat(4, True, (1, 2), 3, "index, sentence1, sentence2, label")
+_PAIR = TsvFormat(4, True, (1, 2), 3, "index, sentence1, sentence2, label")
 _COLA = TsvFormat(4, False, (3,), 1, "source, label, author mark, sentence")
-_GLUE_BINARY = dict(labels=("0", "1"), metric_names=("accuracy",), score_name="acc x100",
-                    metric_fn=accuracy, score_fn=_x100("accuracy"))
-_COLA_COMMON = dict(
-    labels=("0", "1"), label_names=("unacceptable", "acceptable"), eval_split="dev", tsv=_COLA,
-    metric_names=("matthews_corr",), score_name="mcc x100", metric_fn=matthews, score_fn=_x100("matthews_corr"),
-)
+_ACCURACY = dict(metric_names=("accuracy",), score_name="acc x100", metric_fn=accuracy, score_fn=_x100("accuracy"))
+_MCC = dict(metric_names=("matthews_corr",), score_name="mcc x100", metric_fn=matthews, score_fn=_x100("matthews_corr"))
+
+
+def _glue(name: str, description: str, tsv: TsvFormat, fields: tuple[str, ...], **kw) -> Task:
+    """A GLUE task: `<name>/{train,dev}.tsv` (unless `splits` is given), scored on dev, `nyu-mll/glue` on the hub."""
+    kw.setdefault("splits", {"train": (f"{name}/train.tsv",), "dev": (f"{name}/dev.tsv",)})
+    kw.setdefault("labels", ("0", "1"))
+    hub = ("nyu-mll/glue", name, {"train": "train", "dev": "validation"}, fields)
+    return Task(name=name, description=description, eval_split="dev", tsv=tsv, hub=hub, **kw)
+
 
 _TASK_LIST = [
-    Task(
-        name="cola",
-        description="CoLA as shipped by GLUE (= CoLA v1.0), Matthews corr.",
-        splits={"train": ("cola/glue/train.tsv",), "dev": ("cola/glue/dev.tsv",)},
-        hub=("nyu-mll/glue", "cola", {"train": "train", "dev": "validation"}, ("sentence",)),
-        **_COLA_COMMON,
-    ),
+    _glue("cola", "CoLA as shipped by GLUE (= CoLA v1.0), Matthews corr.", _COLA, ("sentence",),
+          splits={"train": ("cola/glue/train.tsv",), "dev": ("cola/glue/dev.tsv",)},
+          label_names=("unacceptable", "acceptable"), **_MCC),
     Task(
         name="cola-v1.1",
         description="CoLA v1.1 public release (dev = in-domain + out-of-domain dev), Matthews corr.",
@@ -158,81 +159,34 @@ _TASK_LIST = [
             "train": ("cola/raw/in_domain_train.tsv",),
             "dev": ("cola/raw/in_domain_dev.tsv", "cola/raw/out_of_domain_dev.tsv"),
         },
-        **_COLA_COMMON,
+        eval_split="dev", tsv=_COLA, labels=("0", "1"), label_names=("unacceptable", "acceptable"), **_MCC,
     ),
-    Task(
-        name="mrpc",
-        description="MRPC (GLUE format), F1 and accuracy; paper score = their mean.",
-        splits={"train": ("mrpc/train.tsv",), "dev": ("mrpc/dev.tsv",)},
-        eval_split="dev",
-        tsv=TsvFormat(5, True, (3, 4), 0, "Quality, #1 ID, #2 ID, #1 String, #2 String"),
-        labels=("0", "1"),
-        label_names=("not_equivalent", "equivalent"),
-        metric_names=("f1", "accuracy"),
-        score_name="mean(f1, acc) x100",
-        metric_fn=f1_and_accuracy,
-        score_fn=_mean_x100("f1", "accuracy"),
-        defaults=TaskDefaults(epochs=5),
-        hub=("nyu-mll/glue", "mrpc", {"train": "train", "dev": "validation"}, ("sentence1", "sentence2")),
-    ),
-    Task(
-        name="sst2",
-        description="SST-2 (GLUE), accuracy.",
-        splits={"train": ("sst2/train.tsv",), "dev": ("sst2/dev.tsv",)},
-        eval_split="dev",
-        tsv=TsvFormat(2, True, (0,), 1, "sentence, label"),
-        label_names=("negative", "positive"),
-        hub=("nyu-mll/glue", "sst2", {"train": "train", "dev": "validation"}, ("sentence",)),
-        **_GLUE_BINARY,
-    ),
-    Task(
-        name="rte",
-        description="RTE (GLUE), accuracy.",
-        splits={"train": ("rte/train.tsv",), "dev": ("rte/dev.tsv",)},
-        eval_split="dev",
-        tsv=_GLUE_PAIR,
-        labels=("entailment", "not_entailment"),
-        label_names=("entailment", "not_entailment"),
-        metric_names=("accuracy",),
-        score_name="acc x100",
-        metric_fn=accuracy,
-        score_fn=_x100("accuracy"),
-        hub=("nyu-mll/glue", "rte", {"train": "train", "dev": "validation"}, ("sentence1", "sentence2")),
-    ),
-    Task(
-        name="stsb",
-        description="STS-B (GLUE), regression on 0-5 scores, Pearson and Spearman; paper score = their mean.",
-        splits={"train": ("stsb/train.tsv",), "dev": ("stsb/dev.tsv",)},
-        eval_split="dev",
-        tsv=TsvFormat(10, True, (7, 8), 9,
-                      "index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score"),
-        labels=(),
-        metric_names=("pearson", "spearman"),
-        score_name="mean(pearson, spearman) x100",
-        metric_fn=pearson_and_spearman,
-        score_fn=_mean_x100("pearson", "spearman"),
-        hub=("nyu-mll/glue", "stsb", {"train": "train", "dev": "validation"}, ("sentence1", "sentence2")),
-    ),
-    Task(
-        name="wnli",
-        description="WNLI (GLUE), accuracy.",
-        splits={"train": ("wnli/train.tsv",), "dev": ("wnli/dev.tsv",)},
-        eval_split="dev",
-        tsv=_GLUE_PAIR,
-        label_names=("not_entailment", "entailment"),
-        defaults=TaskDefaults(epochs=5),
-        hub=("nyu-mll/glue", "wnli", {"train": "train", "dev": "validation"}, ("sentence1", "sentence2")),
-        **_GLUE_BINARY,
-    ),
+    _glue("mrpc", "MRPC (GLUE format), F1 and accuracy; paper score = their mean.",
+          TsvFormat(5, True, (3, 4), 0, "Quality, #1 ID, #2 ID, #1 String, #2 String"), ("sentence1", "sentence2"),
+          label_names=("not_equivalent", "equivalent"), defaults=TaskDefaults(epochs=5),
+          metric_names=("f1", "accuracy"), score_name="mean(f1, acc) x100",
+          metric_fn=f1_and_accuracy, score_fn=_mean_x100("f1", "accuracy")),
+    _glue("sst2", "SST-2 (GLUE), accuracy.", TsvFormat(2, True, (0,), 1, "sentence, label"), ("sentence",),
+          label_names=("negative", "positive"), **_ACCURACY),
+    _glue("rte", "RTE (GLUE), accuracy.", _PAIR, ("sentence1", "sentence2"),
+          labels=("entailment", "not_entailment"), **_ACCURACY),
+    _glue("stsb", "STS-B (GLUE), regression on 0-5 scores, Pearson and Spearman; paper score = their mean.",
+          TsvFormat(10, True, (7, 8), 9, "index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score"),
+          ("sentence1", "sentence2"), labels=(), metric_names=("pearson", "spearman"),
+          score_name="mean(pearson, spearman) x100", metric_fn=pearson_and_spearman,
+          score_fn=_mean_x100("pearson", "spearman")),
+    _glue("wnli", "WNLI (GLUE), accuracy.", _PAIR, ("sentence1", "sentence2"),
+          label_names=("not_entailment", "entailment"), defaults=TaskDefaults(epochs=5), **_ACCURACY),
     Task(
         name="imdb",
         description="IMDb movie reviews (25k train / 25k test), accuracy on the test split.",
         splits={"train": ("imdb/train-*.jsonl.gz",), "test": ("imdb/test-*.jsonl.gz",)},
         eval_split="test",
+        labels=("0", "1"),
         label_names=("neg", "pos"),
         defaults=TaskDefaults(lr=2e-5, batch_size=16, epochs=2, max_length=512, truncation="head_tail"),
         hub=("stanfordnlp/imdb", None, {"train": "train", "test": "test"}, ("text",)),
-        **_GLUE_BINARY,
+        **_ACCURACY,
     ),
 ]
 
