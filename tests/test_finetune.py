@@ -316,3 +316,14 @@ def test_minilm_cola_2000_reaches_mcc(shared_data, tmp_path):
     assert s["n_train"] == 2000 and s["n_eval"] == 1043
     assert s["metrics"]["matthews_corr"] > 0.1
     assert wall < 600
+
+
+def test_cli_config_file_section_and_flag_precedence(tmp_path, data, student):
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("finetune:\n  epochs: 1\n  lr: 0.002\n  batch_size: 8\n  max_length: 32\n  max_train: 16\n  max_eval: 8\n")
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(student), "--task", "rte", "--data-dir", str(data), "--out", str(out),
+                 "--config", str(cfg), "--set", "batch_size=4", "--max-train", "12", "--save-models", "none"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert (r["config"]["epochs"], r["config"]["batch_size"], r["config"]["max_train"]) == (1, 4, 12)
+    assert r["seeds"][0]["steps"] == 3 and r["saved_models"] == {} and not (out / "model").exists()

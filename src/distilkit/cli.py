@@ -201,11 +201,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import FinetuneConfig, load_config, read_yaml
+    from .config import FinetuneConfig
     from .finetune import finetune, parse_seeds
 
-    section = "finetune" if args.config and "finetune" in read_yaml(args.config) else None
-    cfg = load_config(FinetuneConfig, args.config, args.set, section=section)
+    cfg = _stage_config(FinetuneConfig, args.config, args.set, "finetune")
     flags = {  # explicit options win over --config and --set
         "seeds": parse_seeds(args.seeds) if args.seeds is not None else None,
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
