@@ -442,6 +442,19 @@ def _check_world(accelerator: Any) -> None:
         )
 
 
+def _fresh_accelerator_state() -> None:
+    """Let several runs in one process use different settings (e.g. adapt, then distill in bf16).
+
+    Accelerate keeps its settings in a process-wide singleton that refuses changes; the distributed
+    part (PartialState: process group, ranks) is kept, only the per-run part is cleared.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    with contextlib.suppress(AttributeError):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
 def _trajectory_config(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
 
@@ -463,6 +476,7 @@ def train(
     out = Path(out)
     lcfg = task.loss
     unused_head = lcfg.alpha_ce == 0 and lcfg.alpha_mlm == 0  # cosine only: the MLM head gets no gradient
+    _fresh_accelerator_state()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
@@ -491,8 +505,8 @@ def train(
         if changed:
             raise DistilkitError(f"{ckpt}: config differs from the checkpoint's in {changed}: resume with the same settings")
     accelerator.wait_for_everyone()  # every rank has looked at OUT before anything is written to it
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if main:  # OUT/checkpoints exists from the start: a run killed before its first checkpoint is resumable too
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         _truncate_metrics(out / METRICS, state.get("position", {}).get("step", 0))
 
     # --- models, optimizer, schedule ------------------------------------------------------------
@@ -715,6 +729,7 @@ def distill(
     """
     cfg = cfg or DistillConfig()
     check_config(cfg)
+    set_seed(cfg.seed)  # a headless teacher gets a (seeded) fresh head
     tmodel, had_head = models.load_teacher(teacher)
     smodel = models.load_student(student)
     tokenizer = models.load_tokenizer(student)
