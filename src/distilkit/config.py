@@ -38,11 +38,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except (DistilkitError, ValueError, TypeError) as exc:
                 last = exc
-        raise DistilkitError(f"{where}: cannot read {value!r} as {tp}") from last
+        names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        raise DistilkitError(f"{where}: expected {names}, got {value!r}") from last
     if origin in (list, tuple):
         (inner,) = args[:1] or (Any,)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip() != ""]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set seeds=1` means [1]
         if not isinstance(value, (list, tuple)):
             raise DistilkitError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, inner, where) for v in value]
