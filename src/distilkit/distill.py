@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import losses, models
 from .config import DistillConfig, TrainConfig, to_dict
 from .masking import MaskingConfig, mask_tokens, special_ids_of, token_weights
-from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, set_seed
+from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -442,19 +442,6 @@ def _check_world(accelerator: Any) -> None:
         )
 
 
-def _fresh_accelerator_state() -> None:
-    """Let several runs in one process use different settings (e.g. adapt, then distill in bf16).
-
-    Accelerate keeps its settings in a process-wide singleton that refuses changes; the distributed
-    part (PartialState: process group, ranks) is kept, only the per-run part is cleared.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    with contextlib.suppress(AttributeError):
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-
-
 def _trajectory_config(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
 
@@ -476,7 +463,7 @@ def train(
     out = Path(out)
     lcfg = task.loss
     unused_head = lcfg.alpha_ce == 0 and lcfg.alpha_mlm == 0  # cosine only: the MLM head gets no gradient
-    _fresh_accelerator_state()
+    reset_accelerate_state()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,

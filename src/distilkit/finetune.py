@@ -35,7 +35,7 @@ from .config import FinetuneConfig, to_dict
 from .distill import param_groups
 from .models import resolve_model
 from .tasks import Example, Task, get_task, load_split, split_files, split_name, truncate_ids
-from .utils import DistilkitError, atomic_dir, atomic_write_json, model_fingerprint, provenance, set_seed, sha256_file
+from .utils import DistilkitError, atomic_dir, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +276,11 @@ def _accelerator(mixed_precision: str):
     is cleared first: one process may distill in one precision, then fine-tune in another.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     cuda = torch.cuda.is_available()
     if mixed_precision == "auto":
         mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision)
 
 

@@ -165,3 +165,17 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def reset_accelerate_state() -> None:
+    """Let several runs in one process use different Accelerate settings (e.g. distil in bf16, then fine-tune).
+
+    Accelerate keeps its settings in a process-wide singleton that refuses changes; the distributed part
+    (PartialState: process group, ranks) is kept, only the per-run part is cleared. Uses Accelerate's
+    private `_reset_state`; tolerated missing on other versions.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    with contextlib.suppress(AttributeError):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
