@@ -69,6 +69,15 @@ def make_tiny_teacher(
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 4-layer, 32-wide random BERT with an MLM head and a tiny tokenizer, saved as a model folder."""

@@ -17,12 +17,7 @@ from distilkit.distill import latest_checkpoint
 from distilkit.models import has_mlm_head, load_teacher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

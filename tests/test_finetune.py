@@ -39,13 +39,7 @@ RESULT_KEYS = {
 SEED_KEYS = {"seed", "metrics", "score", "train_wall_s", "train_examples_per_s", "eval_examples_per_s", "n_train", "n_eval"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and this shared 2-core machine thrashes with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
