@@ -355,7 +355,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
-COMMANDS = [_add_init_student, _add_adapt_teacher, _add_distill, _add_prepare_corpus, _add_reproduce, _add_bench, _add_report, _add_finetune, _add_evaluate]
+COMMANDS = [  # pipeline order, as `distilkit --help` lists them
+    _add_prepare_corpus, _add_adapt_teacher, _add_init_student, _add_distill, _add_finetune, _add_evaluate,
+    _add_bench, _add_report, _add_reproduce,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
