@@ -449,6 +449,27 @@ def teacher_forward_ms(teacher, batch: Batch, positions: torch.Tensor, repeats: 
     return out
 
 
+def attention_dropout_step_s(variant: "DistilkitStep", batches: list[Batch]) -> dict[str, Any]:
+    """Seconds per step of `variant` with the student's attention dropout as configured vs switched off.
+
+    With attention dropout, SDPA on CPU takes its math path (explicit score matrices, softmax, dropout
+    masks); without, the fused flash kernel the (eval-mode) teacher already uses. Steps alternate.
+    """
+    drops = [m.attention.dropout for m in variant.student.distilbert.transformer.layer]
+    p0 = drops[0].p
+    times: dict[str, list[float]] = {f"p={p0}": [], "p=0": []}
+    try:
+        for i, batch in enumerate(batches):
+            p = p0 if i % 2 == 0 else 0.0
+            for d in drops:
+                d.p = p
+            times[f"p={p0}" if i % 2 == 0 else "p=0"].append(variant.step(batch).seconds)
+    finally:
+        for d in drops:
+            d.p = p0
+    return {k: round(statistics.median(v), 3) for k, v in times.items() if v}
+
+
 def loss_terms_ms(student, teacher, inputs: dict[str, torch.Tensor], cfg: DistillConfig, compiled: bool = False,
                   repeats: int = 3) -> dict[str, float]:
     """Milliseconds for KL + masked-LM CE (forward + backward) on real logits at the masked positions,
@@ -767,6 +788,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "(what distill.train builds today)",
                 "teacher_forward_ms": teacher_forward_ms(teacher, b, positions),
                 "loss_terms": loss_terms_ms(variants[1].student, teacher, masked, cfg, compiled=args.micro_compile),
+                "student_attention_dropout_step_s": attention_dropout_step_s(
+                    variants[1], [next(variants[1].batches) for _ in range(4)]),
             }
         out["seconds"] = round(time.time() - started, 1)
         out["load_after"] = load_average()

@@ -193,6 +193,7 @@ def test_benchmark_end_to_end(tiny_teacher, tiny_text_file, tiny_corpus, tmp_pat
         assert set(r["profile"][name]["phases"]["seconds"]) >= {"forward (teacher + student + losses)", "backward"}
     assert set(r["micro"]["adamw_step_ms"]) == {"default", "foreach", "fused"}
     assert r["micro"]["loss_terms"]["positions"] > 0 and r["micro"]["loss_terms"]["eager_ms"] > 0
+    assert set(r["micro"]["student_attention_dropout_step_s"]) == {"p=0.0", "p=0"}  # tiny teacher: dropout 0
 
 
 def test_read_memory_reads_every_block_once(tiny_corpus):
