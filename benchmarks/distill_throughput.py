@@ -508,6 +508,22 @@ def loss_terms_ms(student, teacher, inputs: dict[str, torch.Tensor], cfg: Distil
 # =========================================================================== environment
 
 
+def tune_malloc() -> bool:
+    """glibc only: serve every allocation from the heap and keep freed memory for reuse (mallopt
+    M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB), so that large temporaries (e.g. logits of 600 x 30522 floats)
+    stop costing an mmap, page faults on first touch and an munmap each. Process-wide; True if applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -575,6 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time candidate changes: AdamW implementations, teacher under inference_mode")
     p.add_argument("--micro-compile", action="store_true",
                    help="with --micro: also time the KL + CE terms through torch.compile (compiles for ~1 minute)")
+    p.add_argument("--malloc-tuning", action="store_true",
+                   help="glibc mallopt: no mmap for large allocations, no trimming (whole process, both steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quiet", action="store_true")
@@ -591,6 +609,7 @@ def _data_dir(arg: str) -> Path:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     quiet = args.quiet
+    malloc_tuned = tune_malloc() if args.malloc_tuning else False
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -751,6 +770,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {
                 "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                 "interop_threads": torch.get_num_interop_threads(), "load_before": load_before,
+                "malloc_tuning": malloc_tuned,
                 "load_after_each_round": round_loads, "load_note": "os.getloadavg() (1, 5, 15 min); the machine is shared",
                 "python": platform.python_version(),
             },
