@@ -214,3 +214,15 @@ def test_corpus_memory_end_to_end(tiny_teacher, tiny_text_file, tmp_path):
     assert three["prepare"]["tokens"] >= 3 * one["prepare"]["tokens"] - 2 * BLOCK
     assert three["read"]["blocks"] >= 3 * one["read"]["blocks"] - 2
     assert r["flat"]["token_ratio"] == pytest.approx(3.0, rel=0.01)
+
+
+def test_malloc_tuning_applies_in_a_fresh_process():
+    """--malloc-tuning's mallopt calls succeed on glibc (run in a subprocess: the setting is process-wide)."""
+    import platform
+    import subprocess
+
+    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import distill_throughput as dt; "
+            "print(dt.tune_malloc())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+    expected = "True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else out
+    assert out == expected
