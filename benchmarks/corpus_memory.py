@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distilkit.bench import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 WIKI_TRAIN = Path("wikitext") / "wikitext-2-raw" / "wiki.train.raw.gz"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "corpus_memory.json"
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokenizer": args.tokenizer,
         "block_size": args.block_size,
         "batch_size": args.batch_size,
-        "machine": {"cpu": _cpu(), "cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_before": load_before, "load_after": _load(),
                     "python": platform.python_version()},
         "seconds": round(time.time() - started, 1),
         **provenance(),
@@ -184,16 +186,6 @@ def _load() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _say(msg: str, quiet: bool) -> None:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distilkit.bench import cpu_model
 from distilkit import distill, losses, models
 from distilkit.config import DistillConfig, to_dict
 from distilkit.corpus import BlockCorpus, load_text_lines, prepare_corpus
@@ -522,16 +523,6 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
 
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> list[float] | None:
