@@ -332,6 +332,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. distill.steps=100 or finetune.seeds=[1,2,3]")
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage (run the same command again to go on)")
     p.set_defaults(func=_cmd_reproduce)
 
 
@@ -342,7 +343,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     command = "distilkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = reproduce(args.preset, args.data_dir, args.out, overrides=args.set, from_stage=args.from_stage,
-                        command=command)
+                        command=command, until=args.until)
     if not summary:  # a non-main process under torchrun / accelerate launch: the main one reports
         return 0
     total = sum(s["seconds"] for s in summary)

@@ -65,6 +65,7 @@ class FinetuneSection:
     seeds: list[int] = field(default_factory=lambda: [1])
     common: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for every task
     per_task: dict[str, Any] = field(default_factory=dict)  # task -> FinetuneConfig fields
+    teacher: bool = True  # false: fine-tune the students only (e.g. an ablation run; no retention column)
 
 
 @dataclass
@@ -188,11 +189,12 @@ class Pipeline:
         return contextlib.nullcontext() if self.state is None else self.state.main_process_first()
 
     # ---- driver
-    def run_all(self, from_stage: str | None = None) -> list[dict]:
+    def run_all(self, from_stage: str | None = None, until: str | None = None) -> list[dict]:
+        for flag, stage in (("--from", from_stage), ("--until", until)):
+            if stage is not None and stage not in STAGES:
+                raise DistilkitError(f"{flag}: unknown stage '{stage}', expected one of {STAGES}")
         self.run.mkdir(parents=True, exist_ok=True)
         if from_stage is not None:
-            if from_stage not in STAGES:
-                raise DistilkitError(f"--from: unknown stage '{from_stage}', expected one of {STAGES}")
             self.stamps.clear_from(from_stage)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         state = None
@@ -218,6 +220,8 @@ class Pipeline:
             else:
                 self._run_stage(name, key, quiet=state is not None and not state.is_main_process)
             upstream = key
+            if name == until:
+                break
         return self.summary
 
     def _run_stage(self, name: str, key: str, quiet: bool = False) -> None:
@@ -392,7 +396,7 @@ class Pipeline:
         def task_seeds(task: str) -> list[int]:
             return (f.per_task.get(task) or {}).get("seeds", f.seeds)
 
-        jobs: list[tuple[str, str, list[int]]] = [("teacher", t, task_seeds(t)) for t in f.tasks]
+        jobs: list[tuple[str, str, list[int]]] = [("teacher", t, task_seeds(t)) for t in f.tasks if f.teacher]
         jobs += [("student", t, task_seeds(t)) for t in f.tasks]
         for v in self.cfg.variants:
             jobs += [(v.name, t, v.seeds or task_seeds(t)) for t in (v.tasks or f.tasks)]
@@ -480,6 +484,6 @@ def _distill_note(result: dict | None) -> str:
 
 
 def reproduce(preset: str, data_dir: str, out: str, overrides: list[str] | None = None,
-              from_stage: str | None = None, command: str | None = None) -> list[dict]:
+              from_stage: str | None = None, command: str | None = None, until: str | None = None) -> list[dict]:
     cfg = load_preset(preset, overrides)
-    return Pipeline(cfg, data_dir, out, command=command, preset=preset).run_all(from_stage)
+    return Pipeline(cfg, data_dir, out, command=command, preset=preset).run_all(from_stage, until)
