@@ -153,13 +153,32 @@ def test_killed_reproduce_resumes_and_matches(setup):
     assert _scores(run) == _scores(reference)
 
 
+def test_until_then_students_only(setup):
+    """`--until` stops after a stage; the same command again goes on; finetune.teacher=false skips the teacher."""
+    root, data, preset = setup
+    run = root / "run-until"
+    sets = ["finetune.teacher=false", "variants=[]", "bench.enabled=false"]
+    first = reproduce(str(preset), str(data), str(run), overrides=sets, until="student")
+    assert [s["stage"] for s in first] == ["corpus", "adapt", "student"]
+    assert not (run / "distill").exists() and not (run / "finetune").exists()
+    rest = reproduce(str(preset), str(data), str(run), overrides=sets)
+    status = {s["stage"]: s["status"] for s in rest}
+    assert status["adapt"] == "skipped" and status["student"] == "skipped" and status["report"] == "done"
+    assert sorted(p.name for p in (run / "finetune").iterdir()) == ["student"]
+    rep = json.loads((run / "report.json").read_text())
+    assert set(rep["tasks"]) == {"cola", "mrpc"}
+    assert all(row["teacher"] is None and row["student"]["median"] is not None for row in rep["tasks"].values())
+    with pytest.raises(DistilkitError, match="--until: unknown stage"):
+        reproduce(str(preset), str(data), str(run), until="nope")
+
+
 def test_preset_errors(setup, tmp_path):
     root, data, preset = setup
     with pytest.raises(DistilkitError, match="unknown preset"):
         load_preset("no-such-preset")
     with pytest.raises(DistilkitError, match="unknown key"):
         load_preset(str(preset), ["distill_typo.steps=3"])
-    for name in ("quick", "cpu", "paper"):
+    for name in ("quick", "cpu", "paper", "ablations"):
         cfg = load_preset(name)
         assert cfg.finetune.tasks
     with pytest.raises(DistilkitError, match="data directory"):
