@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distilkit.cli import main
-from distilkit.report import PAPER_FILE, build_report, load_paper, write_report
+from distilkit.report import PAPER_FILE, build_report, load_paper, render_chart, write_report
 from distilkit.utils import DistilkitError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "distilbert_paper_tables.json"
@@ -154,6 +154,10 @@ def test_report_markdown_rows_and_png(run_dir):
     assert "not on STS-B dev" in md
     png = (run_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    rep = json.loads((run_dir / "report.json").read_text())
+    width = int.from_bytes(png[16:20], "big")  # IHDR: the ablation panel makes the chart wider
+    no_abl = render_chart({**rep, "ablations": []})
+    assert width > int.from_bytes(no_abl[16:20], "big")
     assert (run_dir / "report.png").stat().st_mode == (run_dir / "report.md").stat().st_mode
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 

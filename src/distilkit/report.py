@@ -569,8 +569,11 @@ def render_chart(rep: dict[str, Any]) -> bytes:
     s_vals = [(rep["tasks"][t]["student"] or {}).get("median") for t in tasks] + ([macro["student"]] if macro["tasks"] else [])
     ret = [rep["tasks"][t]["retention_pct"] for t in tasks] + ([macro["retention_pct"]] if macro["tasks"] else [])
 
-    fig = Figure(figsize=(11 if b else 7.5, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2, width_ratios=[max(len(labels), 2), 2.2]) if b else [fig.subplots()]
+    abl = [a for a in rep.get("ablations", []) if a["delta"] is not None]
+    ratios = [max(len(labels), 2)] + ([2.2] if b else []) + ([3.2] if abl else [])
+    fig = Figure(figsize=(3.5 + 1.6 * sum(ratios) / max(len(ratios), 1) + 3.5 * (len(ratios) - 1), 4.6),
+                 layout="constrained")
+    axes = list(fig.subplots(1, len(ratios), width_ratios=ratios)) if len(ratios) > 1 else [fig.subplots()]
     ax = axes[0]
     w = 0.38
     xs = list(range(len(labels)))
@@ -616,6 +619,19 @@ def render_chart(rep: dict[str, Any]) -> bytes:
         ax2.set_ylabel("student as % of teacher")
         ax2.set_title("Size and speed (teacher = 100%)", fontsize=10)
         ax2.legend(loc="upper left", ncols=2, fontsize=8)
+    if abl:  # Table 4: each variant's macro change against the full-loss student, beside the paper's
+        ax3 = axes[-1]
+        ys = list(range(len(abl)))
+        ax3.barh([y - w / 2 for y in ys], [a["delta"] for a in abl], w, color=colors["student"], label="this run")
+        paper_pts = [(y + w / 2, a["paper_delta"]) for y, a in zip(ys, abl) if a["paper_delta"] is not None]
+        if paper_pts:
+            ax3.barh([p[0] for p in paper_pts], [p[1] for p in paper_pts], w, color="0.65", label="paper")
+        ax3.axvline(0, color="black", lw=0.8)
+        ax3.set_yticks(ys, [a["label"] for a in abl], fontsize=7)
+        ax3.invert_yaxis()
+        ax3.set_xlabel("macro score minus full triple loss (points)")
+        ax3.set_title("Ablations (paper Table 4)", fontsize=10)
+        ax3.legend(loc="lower right", fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=150)
     return buf.getvalue()
