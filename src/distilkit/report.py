@@ -571,8 +571,8 @@ def render_chart(rep: dict[str, Any]) -> bytes:
 
     abl = [a for a in rep.get("ablations", []) if a["delta"] is not None]
     ratios = [max(len(labels), 2)] + ([2.2] if b else []) + ([3.2] if abl else [])
-    fig = Figure(figsize=(3.5 + 1.6 * sum(ratios) / max(len(ratios), 1) + 3.5 * (len(ratios) - 1), 4.6),
-                 layout="constrained")
+    width = 7.5 + (3.5 if b else 0.0) + (5.0 if abl else 0.0)  # inches: tasks panel, size/speed, ablations
+    fig = Figure(figsize=(width, 4.6), layout="constrained")
     axes = list(fig.subplots(1, len(ratios), width_ratios=ratios)) if len(ratios) > 1 else [fig.subplots()]
     ax = axes[0]
     w = 0.38
