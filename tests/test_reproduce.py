@@ -178,7 +178,7 @@ def test_preset_errors(setup, tmp_path):
         load_preset("no-such-preset")
     with pytest.raises(DistilkitError, match="unknown key"):
         load_preset(str(preset), ["distill_typo.steps=3"])
-    for name in ("quick", "cpu", "paper", "ablations"):
+    for name in ("quick", "cpu", "gpu", "paper", "ablations"):
         cfg = load_preset(name)
         assert cfg.finetune.tasks
     with pytest.raises(DistilkitError, match="data directory"):

@@ -127,21 +127,26 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def git_commit() -> str | None:
-    """Commit of the distilkit source tree, with '+dirty' when it has uncommitted changes."""
+    """Commit of the distilkit source tree, with '+dirty' when it has uncommitted changes.
+
+    A tree copied without its .git folder (e.g. onto a rented GPU machine) has no commit to read: then
+    the environment variable DISTILKIT_GIT_COMMIT, set by whoever copied it, is used when present.
+    """
     here = Path(__file__).resolve().parent
+    fallback = os.environ.get("DISTILKIT_GIT_COMMIT") or None
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
         if sha.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=here, capture_output=True, text=True, timeout=10,
         )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
 
 
 def provenance() -> dict[str, Any]:
