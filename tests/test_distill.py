@@ -57,8 +57,9 @@ def tiny_student(tiny_teacher, tmp_path_factory) -> Path:
 
 
 def _env() -> dict[str, str]:
+    # CUDA_VISIBLE_DEVICES="": these subprocess tests are about CPU processes (gloo), also on a GPU machine
     return {**os.environ, "OMP_NUM_THREADS": "1", "DISTILKIT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO / "src")}
+            "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -233,6 +234,21 @@ def test_torchrun_two_processes_stay_in_sync(tiny_teacher, tiny_student, tiny_co
     # the two ranks drew different masks (their RNG streams differ)
     r0, r1 = load_file(str(ckpt / "rng-rank0.safetensors")), load_file(str(ckpt / "rng-rank1.safetensors"))
     assert not torch.equal(r0["masking"], r1["masking"])
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun with 2 processes on a 1-GPU node: a one-line error, not CUDA's "invalid device ordinal"."""
+    from distilkit.utils import use_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert use_gpu() is False  # no GPU: CPU processes (gloo), any number
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DistilkitError, match=r"2 processes on this node but 1 visible GPU\(s\)"):
+        use_gpu()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert use_gpu() is True
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher, tiny_student, tiny_corpus, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import losses, models
 from .config import DistillConfig, TrainConfig, to_dict
 from .masking import MaskingConfig, mask_tokens, special_ids_of, token_weights
-from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed
+from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, use_gpu
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -465,7 +465,7 @@ def train(
     unused_head = lcfg.alpha_ce == 0 and lcfg.alpha_mlm == 0  # cosine only: the MLM head gets no gradient
     reset_accelerate_state()
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not use_gpu(),
         mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_head)],
     )

@@ -35,7 +35,7 @@ from .config import FinetuneConfig, to_dict
 from .distill import param_groups
 from .models import resolve_model
 from .tasks import Example, Task, get_task, load_split, split_files, split_name, truncate_ids
-from .utils import DistilkitError, atomic_dir, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, sha256_file
+from .utils import DistilkitError, atomic_dir, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, sha256_file, use_gpu
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _accelerator(mixed_precision: str):
     """
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
+    cuda = use_gpu()
     if mixed_precision == "auto":
         mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     reset_accelerate_state()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import CONFIG_DIR, apply_overrides, from_dict, read_yaml, to_dict
-from .utils import DistilkitError, atomic_write_json, atomic_write_text, provenance, sha256_file
+from .utils import DistilkitError, atomic_write_json, atomic_write_text, provenance, sha256_file, use_gpu
 
 STAGES = ["corpus", "adapt", "student", "distill", "variants", "finetune", "bench", "report"]
 DISTRIBUTED = ("adapt", "distill", "variants")  # stages that use every process under torchrun / accelerate launch
@@ -201,7 +201,7 @@ class Pipeline:
         if world > 1:
             from accelerate import PartialState
 
-            state = self.state = PartialState(cpu=not _cuda())
+            state = self.state = PartialState(cpu=not use_gpu())
         if state is None or state.is_main_process:
             self._write_run_json()
         upstream = ""
@@ -437,12 +437,6 @@ class Pipeline:
 
 
 # =========================================================================== helpers
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _has_checkpoint(out: Path) -> bool:

@@ -172,6 +172,23 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_gpu() -> bool:
+    """Whether this process trains on a GPU (Accelerate's `cpu=not use_gpu()`); one GPU per process.
+
+    A launcher that starts more processes on a node than it has visible GPUs (e.g. torchrun with 2
+    processes on a 1-GPU machine) would fail inside CUDA with "invalid device ordinal"; say why instead.
+    """
+    if not torch.cuda.is_available():
+        return False
+    per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if per_node > gpus:
+        raise DistilkitError(
+            f"{per_node} processes on this node but {gpus} visible GPU(s): start one process per GPU, "
+            "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run the processes on the CPU (gloo)"
+        )
+    return True
+
+
 def reset_accelerate_state() -> None:
     """Let several runs in one process use different Accelerate settings (e.g. distil in bf16, then fine-tune).
 
