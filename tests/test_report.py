@@ -222,3 +222,13 @@ def test_bundled_paper_tables_match_reference():
     bundled, ref = json.loads(PAPER_FILE.read_text()), json.loads(REFERENCE.read_text())
     for key in ("table1_glue_dev", "table2_downstream", "table3_size_speed", "table4_ablation_delta_macro"):
         assert bundled[key] == ref[key]
+
+
+def test_commit_named_by_whoever_copied_the_tree(monkeypatch):
+    """DISTILKIT_GIT_COMMIT wins over git (a copied tree's .git may not be its own); unset: git's HEAD."""
+    from distilkit.utils import git_commit
+
+    monkeypatch.delenv("DISTILKIT_GIT_COMMIT", raising=False)
+    from_git = git_commit()
+    monkeypatch.setenv("DISTILKIT_GIT_COMMIT", "0123abc")
+    assert git_commit() == "0123abc" != from_git

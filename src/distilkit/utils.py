@@ -129,24 +129,26 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def git_commit() -> str | None:
     """Commit of the distilkit source tree, with '+dirty' when it has uncommitted changes.
 
-    A tree copied without its .git folder (e.g. onto a rented GPU machine) has no commit to read: then
-    the environment variable DISTILKIT_GIT_COMMIT, set by whoever copied it, is used when present.
+    A tree copied elsewhere (e.g. onto a rented GPU machine) may have no .git, or one that is not its
+    own: whoever copied it can name the commit in the environment variable DISTILKIT_GIT_COMMIT, which
+    then wins over git.
     """
+    if os.environ.get("DISTILKIT_GIT_COMMIT"):
+        return os.environ["DISTILKIT_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
-    fallback = os.environ.get("DISTILKIT_GIT_COMMIT") or None
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
         if sha.returncode != 0:
-            return fallback
+            return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=here, capture_output=True, text=True, timeout=10,
         )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
 
 
 def provenance() -> dict[str, Any]:
