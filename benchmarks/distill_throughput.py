@@ -19,6 +19,8 @@ released DistilBERT's loss weights (`DistillConfig()`), dynamic 15% masking, gra
   `distill.param_groups`, `--optimizer` implementation (default fused), `zero_grad(set_to_none=True)`.
 * distilkit_kl_all (`--kl-all`, on by default): distilkit's step with `kl_positions="all"`, i.e. the
   same objective as the naive step (KL at every position); separates packing from partial projection.
+* distilkit_compiled (`--compile`): distilkit's step with the student's and the teacher's encoders through
+  `torch.compile` (inductor, static shapes), compiled during the warm-up step.
 
 Data preparation (tokenising lines, reading blocks) is done before a run is timed; masking, forward,
 backward, clipping and the optimizer step are timed. Rounds alternate the order of the steps (swapped
@@ -580,6 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="profile one distilkit and one naive step (tables next to --out)")
     p.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True,
                    help="time candidate changes: AdamW implementations, teacher under inference_mode")
+    p.add_argument("--compile", action="store_true",
+                   help="also time distilkit's step with both encoders through torch.compile (variant distilkit_compiled)")
     p.add_argument("--micro-compile", action="store_true",
                    help="with --micro: also time the KL + CE terms through torch.compile (compiles for ~1 minute)")
     p.add_argument("--malloc-tuning", action="store_true",
@@ -657,6 +661,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             v = DistilkitStep(student, teacher, tokenizer, replace(cfg, kl_positions="all"), blocks_iter(), args.seed,
                               args.optimizer)
             v.name = "distilkit_kl_all"
+            variants.append(v)
+        if args.compile:  # both encoders through torch.compile (inductor); compiled during the warm-up steps
+            compiled_teacher = copy.deepcopy(teacher)
+            v = DistilkitStep(student, compiled_teacher, tokenizer, cfg, blocks_iter(), args.seed, args.optimizer)
+            v.name = "distilkit_compiled"
+            v.student.distilbert.compile(dynamic=False)
+            compiled_teacher.bert.compile(dynamic=False)
             variants.append(v)
 
         # --- peak, warm-up, rounds --------------------------------------------------------------
@@ -795,8 +806,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             positions = ((masked["labels"].reshape(-1) != IGNORE_INDEX)).nonzero().squeeze(1)
             out["micro"] = {
                 "adamw_step_ms": optimizer_ms(student, cfg),
-                "adamw_note": "default = foreach=False, the single-tensor loop torch.optim.AdamW picks on CPU "
-                              "(what distill.train builds today)",
+                "adamw_note": "default = foreach=False, the single-tensor loop torch.optim.AdamW picks on CPU; "
+                              "distill.train and finetune use fused",
                 "teacher_forward_ms": teacher_forward_ms(teacher, b, positions),
                 "loss_terms": loss_terms_ms(variants[1].student, teacher, masked, cfg, compiled=args.micro_compile),
                 "student_attention_dropout_step_s": attention_dropout_step_s(

@@ -196,6 +196,19 @@ def test_benchmark_end_to_end(tiny_teacher, tiny_text_file, tiny_corpus, tmp_pat
     assert set(r["micro"]["student_attention_dropout_step_s"]) == {"p=0.0", "p=0"}  # tiny teacher: dropout 0
 
 
+@pytest.mark.slow
+def test_compiled_variant_computes_the_same_step(tiny_teacher, tiny_text_file, tiny_corpus, tmp_path):
+    """--compile: the torch.compile'd encoders give distilkit's losses (tiny teacher: dropout 0, same data)."""
+    r = dt.main(["--teacher", str(tiny_teacher), "--text", str(tiny_text_file), "--corpus", str(tiny_corpus),
+                 "--layers", "0,2", "--batch-size", "4", "--max-length", str(BLOCK), "--rounds", "2", "--steps", "2",
+                 "--peak-size", "64", "--peak-repeats", "2", "--block-peak-size", "48", "--compile", "--no-kl-all",
+                 "--no-profile", "--no-micro", "--out", str(tmp_path / "dt.json"), "--quiet"])
+    res = r["results"]
+    assert set(res) == {"naive", "distilkit", "distilkit_compiled"}
+    assert res["distilkit_compiled"]["last_loss"] == pytest.approx(res["distilkit"]["last_loss"], rel=1e-4)
+    assert res["distilkit_compiled"]["masked_per_step"] == res["distilkit"]["masked_per_step"]
+
+
 def test_read_memory_reads_every_block_once(tiny_corpus):
     r = cm.measure_read_memory(str(tiny_corpus), batch_size=5, isolated=False)
     blocks = BlockCorpus(tiny_corpus)
