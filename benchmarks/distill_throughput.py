@@ -19,6 +19,8 @@ released DistilBERT's loss weights (`DistillConfig()`), dynamic 15% masking, gra
   `distill.param_groups`, `--optimizer` implementation (default fused), `zero_grad(set_to_none=True)`.
 * distilkit_kl_all (`--kl-all`, on by default): distilkit's step with `kl_positions="all"`, i.e. the
   same objective as the naive step (KL at every position); separates packing from partial projection.
+* distilkit_attention_dropout (`--attention-dropout P`): distilkit's step with `attention_dropout=P`
+  (0 lets the student's attention use the fused CPU kernel; a recipe change, opt-in in `distill`).
 * distilkit_compiled (`--compile`): distilkit's step with the student's and the teacher's encoders through
   `torch.compile` (inductor, static shapes), compiled during the warm-up step.
 
@@ -248,6 +250,8 @@ class Variant:
     def __init__(self, student, teacher, tokenizer, cfg: DistillConfig, batches: Iterator[Batch], seed: int,
                  optimizer: str = "default"):
         self.student = copy.deepcopy(student).train()
+        if getattr(cfg, "attention_dropout", None) is not None:  # as distill.train applies it
+            models.set_attention_dropout(self.student, cfg.attention_dropout)
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -582,6 +586,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="profile one distilkit and one naive step (tables next to --out)")
     p.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True,
                    help="time candidate changes: AdamW implementations, teacher under inference_mode")
+    p.add_argument("--attention-dropout", type=float, default=None, metavar="P",
+                   help="also time distilkit's step with the student's attention dropout set to P "
+                        "(distill.attention_dropout; variant distilkit_attention_dropout)")
     p.add_argument("--compile", action="store_true",
                    help="also time distilkit's step with both encoders through torch.compile (variant distilkit_compiled)")
     p.add_argument("--micro-compile", action="store_true",
@@ -661,6 +668,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             v = DistilkitStep(student, teacher, tokenizer, replace(cfg, kl_positions="all"), blocks_iter(), args.seed,
                               args.optimizer)
             v.name = "distilkit_kl_all"
+            variants.append(v)
+        if args.attention_dropout is not None:
+            v = DistilkitStep(student, teacher, tokenizer, replace(cfg, attention_dropout=args.attention_dropout),
+                              blocks_iter(), args.seed, args.optimizer)
+            v.name = "distilkit_attention_dropout"
             variants.append(v)
         if args.compile:  # both encoders through torch.compile (inductor); compiled during the warm-up steps
             compiled_teacher = copy.deepcopy(teacher)

@@ -163,10 +163,13 @@ def test_benchmark_end_to_end(tiny_teacher, tiny_text_file, tiny_corpus, tmp_pat
     out = tmp_path / "results" / "dt.json"
     r = dt.main(["--teacher", str(tiny_teacher), "--text", str(tiny_text_file), "--corpus", str(tiny_corpus),
                  "--layers", "0,2", "--batch-size", "4", "--max-length", str(BLOCK), "--rounds", "2", "--steps", "2",
-                 "--peak-size", "64", "--peak-repeats", "2", "--block-peak-size", "48", "--out", str(out), "--quiet"])
+                 "--peak-size", "64", "--peak-repeats", "2", "--block-peak-size", "48", "--attention-dropout", "0",
+                 "--out", str(out), "--quiet"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     res = r["results"]
-    assert set(res) == {"naive", "distilkit", "distilkit_kl_all"}
+    assert set(res) == {"naive", "distilkit", "distilkit_kl_all", "distilkit_attention_dropout"}
+    # the tiny teacher's attention dropout is already 0: the variant computes exactly distilkit's step
+    assert res["distilkit_attention_dropout"]["last_loss"] == res["distilkit"]["last_loss"]
     assert res["distilkit"]["text_tokens_per_step"] == 4 * (BLOCK - 2)
     assert res["distilkit"]["padded_positions_per_step"] == res["distilkit"]["positions_per_step"] == 4 * BLOCK
     assert res["naive"]["positions_per_step"] - res["naive"]["text_tokens_per_step"] == 2 * 4  # [CLS] + [SEP] each
@@ -181,7 +184,7 @@ def test_benchmark_end_to_end(tiny_teacher, tiny_text_file, tiny_corpus, tmp_pat
     assert r["speedup"]["distilkit_vs_naive"]["ratio_of_medians"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
     assert r["targets"]["speedup_met"] == (r["targets"]["speedup"] >= 2.0)
     assert r["peak"]["gflops"] == pytest.approx(max(p["gflops"] for p in r["peak"]["measurements"]), rel=1e-9)
-    assert len(r["peak"]["measurements"]) == 2 + 2 * 2 * 3  # start, end, before and after every block
+    assert len(r["peak"]["measurements"]) == 2 + 2 * 2 * 4  # start, end, before and after every block (4 variants)
     for v in res.values():  # MFU of a block is against the better of the peaks measured around it
         assert v["mfu"] == pytest.approx(float(np.median(v["mfu_rounds"])), abs=1e-4)
         assert all(p <= r["peak"]["gflops"] + 1e-6 for p in v["matched_peak_gflops_rounds"])

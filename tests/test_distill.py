@@ -3,8 +3,10 @@ non-finite loss handling, batch plan / sharding, outputs, and (slow) MiniLM -> 3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,6 +236,35 @@ def test_torchrun_two_processes_stay_in_sync(tiny_teacher, tiny_student, tiny_co
     # the two ranks drew different masks (their RNG streams differ)
     r0, r1 = load_file(str(ckpt / "rng-rank0.safetensors")), load_file(str(ckpt / "rng-rank1.safetensors"))
     assert not torch.equal(r0["masking"], r1["masking"])
+
+
+def test_attention_dropout_override_trains_like_a_student_configured_without_it(tiny_teacher, tiny_student, tiny_corpus, tmp_path):
+    """attention_dropout=0 on a student configured with 0.1 == the same student configured with 0 (other
+    dropouts off: then training is deterministic); the saved model keeps its configured 0.1."""
+    from distilkit.models import load_student, set_attention_dropout
+
+    students = {}
+    for p in (0.1, 0.0):
+        folder = tmp_path / f"student-{p}"
+        shutil.copytree(tiny_student, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(dropout=0.0, attention_dropout=p)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        students[p] = folder
+    run = DistillConfig(steps=4, batch_size=4, lr=2e-3, eval_batches=1)
+    distill(str(tiny_teacher), str(students[0.1]), str(tiny_corpus), str(tmp_path / "override"),
+            dataclasses.replace(run, attention_dropout=0.0))
+    distill(str(tiny_teacher), str(students[0.0]), str(tiny_corpus), str(tmp_path / "configured"), run)
+    distill(str(tiny_teacher), str(students[0.1]), str(tiny_corpus), str(tmp_path / "with-dropout"), run)
+    _assert_same_weights(tmp_path / "override" / "final", tmp_path / "configured" / "final")
+    with pytest.raises(AssertionError):  # the control: attention dropout on changes the trajectory
+        _assert_same_weights(tmp_path / "with-dropout" / "final", tmp_path / "configured" / "final")
+    assert json.loads((tmp_path / "override" / "final" / "config.json").read_text())["attention_dropout"] == 0.1
+
+    model = load_student(str(students[0.1]))
+    assert set_attention_dropout(model, 0.0) == model.config.n_layers and model.config.attention_dropout == 0.1
+    with pytest.raises(DistilkitError, match="attention_dropout"):
+        check_config(DistillConfig(attention_dropout=1.0))
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):

@@ -84,6 +84,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("mixed_precision", "no, bf16 or fp16")
     if cfg.eval_batches is not None and cfg.eval_batches < 1:
         raise bad("eval_batches", "a positive integer or none (whole held-out split)")
+    if cfg.attention_dropout is not None and not 0 <= cfg.attention_dropout < 1:
+        raise bad("attention_dropout", "a probability in [0, 1) or none (the model's own)")
     masking_config(cfg)  # validates the masking fields
     if isinstance(cfg, DistillConfig):
         if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos <= 0:
@@ -504,6 +506,8 @@ def train(
         load_weights(model, ckpt / "model")
     initial_fp = state.get("initial_fingerprint") or model_fingerprint(model)
     model.train()
+    if cfg.attention_dropout is not None:
+        models.set_attention_dropout(model, cfg.attention_dropout)
     teacher = task.teacher
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)

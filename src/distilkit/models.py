@@ -151,6 +151,22 @@ def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"unsupported model class {type(model).__name__}")
 
 
+def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set the attention-probability dropout of a (Distil)BERT model in place; returns how many modules changed.
+
+    Only the modules change, not `model.config`: a model saved afterwards keeps its configured value.
+    (transformers' (Distil)BERT attention reads `self.dropout.p` at every forward.)
+    """
+    changed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and name.endswith(("attention.dropout", "attention.self.dropout")):
+            module.p = float(p)
+            changed += 1
+    if changed == 0:
+        raise DistilkitError(f"{type(model).__name__}: no attention dropout found to set")
+    return changed
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     seen: set[int] = set()
