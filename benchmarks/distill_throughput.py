@@ -784,7 +784,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {
                 "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                 "interop_threads": torch.get_num_interop_threads(), "load_before": load_before,
-                "malloc_tuning": malloc_tuned,
+                "malloc_tuning": malloc_tuned, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                 "load_after_each_round": round_loads, "load_note": "os.getloadavg() (1, 5, 15 min); the machine is shared",
                 "python": platform.python_version(),
             },
