@@ -462,18 +462,14 @@ def attention_dropout_step_s(variant: "DistilkitStep", batches: list[Batch]) -> 
     With attention dropout, SDPA on CPU takes its math path (explicit score matrices, softmax, dropout
     masks); without, the fused flash kernel the (eval-mode) teacher already uses. Steps alternate.
     """
-    drops = [m.attention.dropout for m in variant.student.distilbert.transformer.layer]
-    p0 = drops[0].p
+    p0 = variant.student.distilbert.transformer.layer[0].attention.dropout.p
     times: dict[str, list[float]] = {f"p={p0}": [], "p=0": []}
     try:
         for i, batch in enumerate(batches):
-            p = p0 if i % 2 == 0 else 0.0
-            for d in drops:
-                d.p = p
+            models.set_attention_dropout(variant.student, p0 if i % 2 == 0 else 0.0)
             times[f"p={p0}" if i % 2 == 0 else "p=0"].append(variant.step(batch).seconds)
     finally:
-        for d in drops:
-            d.p = p0
+        models.set_attention_dropout(variant.student, p0)
     return {k: round(statistics.median(v), 3) for k, v in times.items() if v}
 
 

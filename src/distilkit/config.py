@@ -185,8 +185,8 @@ class TrainConfig:
     log_every: int = 10  # metrics.jsonl line every N optimizer steps
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
     attention_dropout: float | None = None  # override the attention-probability dropout while training
-    # (None: the model's own, 0.1 in DistilBERT/BERT); 0 lets CPU attention use its fused kernel, ~25% faster
-    # steps on CPU (benchmarks/); the saved model keeps its configured value for fine-tuning
+    # (None: the model's own, 0.1 in DistilBERT/BERT); 0 lets CPU attention use its fused kernel, 1.17x faster
+    # steps on CPU (benchmarks/README.md); the saved model keeps its configured value for fine-tuning
     eval_batches: int | None = 50  # held-out batches for evaluate_mlm (None: the whole held-out split)
     eval_batch_size: int | None = None  # default: batch_size
     eval_seed: int = 1234  # fixed masking seed: teacher and student scored on identical masks
