@@ -626,7 +626,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     student = student_from_teacher(teacher, layers)
     tokenizer = models.load_tokenizer(args.teacher)
     shape = Shape.of(teacher, student)
-    cfg = DistillConfig(batch_size=args.batch_size, seed=args.seed)
+    cfg = DistillConfig(batch_size=args.batch_size, seed=args.seed, smoothing=None)
     pad, cls_id, sep_id = tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id
 
     # --- data -----------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _naive_variant(tiny, text, cfg=None, batch_size=4):
     teacher, student, tok = tiny
     lines = list(load_text_lines(text))
     batches = dt.naive_batches(tok, lines, batch_size, BLOCK, seed=0)
-    return dt.NaiveStep(student, teacher, tok, cfg or DistillConfig(), batches, seed=0)
+    return dt.NaiveStep(student, teacher, tok, cfg or DistillConfig(smoothing=None), batches, seed=0)
 
 
 def _padded_batch(variant):
@@ -85,7 +85,7 @@ def test_naive_loss_equals_distilkit_loss_with_kl_at_all_positions(tiny, tiny_te
     batch = _padded_batch(naive)
     inputs = naive.mask(batch)
     assert (inputs["labels"] != IGNORE_INDEX).any()
-    cfg = DistillConfig(kl_positions="all")
+    cfg = DistillConfig(kl_positions="all", smoothing=None)
     ref = dt.naive_losses(naive.student, teacher, inputs, cfg)
     got = losses.compute_losses(naive.student, teacher, inputs, cfg)
     for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
@@ -97,7 +97,7 @@ def test_partial_projection_equals_full_logits_at_masked_positions(tiny, tiny_co
     """distilkit's step (projection only at masked positions) = the full-logits terms gathered at those positions."""
     teacher, student, tok = tiny
     blocks = BlockCorpus(tiny_corpus)
-    cfg = DistillConfig()  # kl_positions="masked"
+    cfg = DistillConfig(smoothing=None)  # kl_positions="masked"
     v = dt.DistilkitStep(student, teacher, tok, cfg, dt.block_batches(blocks, 4, tok.pad_token_id,
                                                                          tok.cls_token_id, tok.sep_token_id), seed=0)
     v.student.eval()
@@ -130,7 +130,7 @@ def test_flops_formula_matches_torch_flop_counter(tiny, tiny_text_file, tiny_cor
         batch = _padded_batch(v)
     else:
         blocks = BlockCorpus(tiny_corpus)
-        cfg = DistillConfig(kl_positions="all" if kind == "distilkit_kl_all" else "masked")
+        cfg = DistillConfig(kl_positions="all" if kind == "distilkit_kl_all" else "masked", smoothing=None)
         v = dt.DistilkitStep(student, teacher, tok, cfg, dt.block_batches(blocks, 4, 0, tok.cls_token_id, tok.sep_token_id), 0)
         batch = next(v.batches)
     inputs = v.mask(batch)

@@ -171,7 +171,7 @@ class TrainConfig:
     effective_tokens: int | None = None  # or tokens per optimizer step; None and None: no accumulation
     lr: float = 5e-4  # peak learning rate
     warmup_ratio: float = 0.05  # linear warm-up over this share of the steps, then linear decay to 0
-    weight_decay: float = 0.01  # AdamW, not on biases and LayerNorm weights
+    weight_decay: float = 0.0  # AdamW, not on biases and LayerNorm weights (the paper's code: 0.0)
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 5.0  # max gradient norm (0 disables)
@@ -183,7 +183,9 @@ class TrainConfig:
     save_every: int = 500  # checkpoint every N optimizer steps (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     log_every: int = 10  # metrics.jsonl line every N optimizer steps
-    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    mixed_precision: str = "auto"  # auto (bf16 where the CPU/GPU computes bf16 natively, else fp32) | no | bf16 | fp16
+    freeze_position_embeddings: bool = False  # keep the student's position embeddings fixed (the paper's code:
+    # --freeze_pos_embs, used for DistilBERT)
     attention_dropout: float | None = None  # override the attention-probability dropout while training
     # (None: the model's own, 0.1 in DistilBERT/BERT); 0 lets CPU attention use its fused kernel, 1.17x faster
     # steps on CPU (benchmarks/README.md); the saved model keeps its configured value for fine-tuning
@@ -202,6 +204,7 @@ class DistillConfig(TrainConfig):
     alpha_cos: float = 1.0  # cosine between last hidden states
     temperature: float = 2.0
     kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions
+    smoothing: float | None = 0.7  # the paper's code: --mlm_smoothing 0.7 (token selection weight count**-0.7)
 
 # --- teacher adaptation (adapt.py) ---------------------------------------------------------
 
@@ -239,5 +242,5 @@ class FinetuneConfig:
     alpha_kd: float = 0.5  # weight of the distillation term
     temperature: float = 2.0  # softmax temperature of the distillation term (classification only)
     save_models: str = "first"  # "first" (DIR/model), "all" (also DIR/seed-<s> for the other seeds), "none"
-    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU that supports it, fp32 on CPU), "no", "bf16", "fp16"
+    mixed_precision: str = "auto"  # "auto" (bf16 where the CPU/GPU computes bf16 natively, else fp32), "no", "bf16", "fp16"
     overwrite: bool = False  # replace a non-empty output folder

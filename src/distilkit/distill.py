@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import losses, models
+from .hardware import PRECISIONS, resolve_mixed_precision
 from .config import DistillConfig, TrainConfig, to_dict
 from .masking import MaskingConfig, mask_tokens, special_ids_of, token_weights
 from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, use_gpu
@@ -80,8 +81,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("betas", "two numbers in [0, 1), e.g. [0.9, 0.98]")
     if cfg.save_every < 1 or cfg.keep_checkpoints < 1 or cfg.log_every < 1:
         raise DistilkitError("config: save_every, keep_checkpoints and log_every must be >= 1")
-    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-        raise bad("mixed_precision", "no, bf16 or fp16")
+    if cfg.mixed_precision not in PRECISIONS:
+        raise bad("mixed_precision", "auto, no, bf16 or fp16")
     if cfg.eval_batches is not None and cfg.eval_batches < 1:
         raise bad("eval_batches", "a positive integer or none (whole held-out split)")
     if cfg.attention_dropout is not None and not 0 <= cfg.attention_dropout < 1:
@@ -466,9 +467,11 @@ def train(
     lcfg = task.loss
     unused_head = lcfg.alpha_ce == 0 and lcfg.alpha_mlm == 0  # cosine only: the MLM head gets no gradient
     reset_accelerate_state()
+    cuda = use_gpu()
+    precision = resolve_mixed_precision(cfg.mixed_precision, cuda=cuda)
     accelerator = Accelerator(
-        cpu=not use_gpu(),
-        mixed_precision=cfg.mixed_precision,
+        cpu=not cuda,
+        mixed_precision=precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_head)],
     )
     _check_world(accelerator)

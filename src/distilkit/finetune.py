@@ -277,9 +277,10 @@ def _accelerator(mixed_precision: str):
     """
     from accelerate import Accelerator
 
+    from .hardware import resolve_mixed_precision
+
     cuda = use_gpu()
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    mixed_precision = resolve_mixed_precision(mixed_precision, cuda=cuda)
     reset_accelerate_state()
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision)
 
