@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    from .hardware import tune_allocator
+
+    tune_allocator()  # glibc: keep large temporaries on the heap (DISTILKIT_MALLOC_TUNING=0 turns it off)
     try:
         return int(args.func(args) or 0)
     except DistilkitError as exc:

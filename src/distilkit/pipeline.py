@@ -38,7 +38,7 @@ from typing import Any, Callable
 from .config import CONFIG_DIR, apply_overrides, from_dict, read_yaml, to_dict
 from .utils import DistilkitError, atomic_write_json, atomic_write_text, provenance, sha256_file, use_gpu
 
-STAGES = ["corpus", "adapt", "student", "distill", "variants", "finetune", "bench", "report"]
+STAGES = ["corpus", "adapt", "student", "distill", "variants", "finetune", "export", "bench", "report"]
 DISTRIBUTED = ("adapt", "distill", "variants")  # stages that use every process under torchrun / accelerate launch
 
 
@@ -66,6 +66,8 @@ class FinetuneSection:
     common: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for every task
     per_task: dict[str, Any] = field(default_factory=dict)  # task -> FinetuneConfig fields
     teacher: bool = True  # false: fine-tune the students only (e.g. an ablation run; no retention column)
+    baselines: list[str] = field(default_factory=list)  # students without distillation, fine-tuned like the others:
+    # "no_kd" (same init, same tokens, masked-LM loss only) and/or "cut_only" (the initial student, not pre-trained)
 
 
 @dataclass
@@ -74,6 +76,13 @@ class BenchSection:
     task: str = "mrpc"  # sentences for timing (the paper used STS-B dev)
     rounds: int = 3
     max_sentences: int | None = None
+
+
+@dataclass
+class ExportSection:
+    enabled: bool = False  # export the fine-tuned student to ONNX (and int8) after fine-tuning
+    int8: bool = True
+    tasks: list[str] = field(default_factory=list)  # tasks whose fine-tuned student is exported (default: all)
 
 
 @dataclass
@@ -100,6 +109,7 @@ class ReproduceConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     variants: list[VariantSection] = field(default_factory=list)
     bench: BenchSection = field(default_factory=BenchSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
 
 def load_preset(preset: str | Path, overrides: list[str] | None = None) -> ReproduceConfig:
@@ -249,6 +259,7 @@ class Pipeline:
             "distill": c.distill,
             "variants": [to_dict(v) for v in c.variants],
             "finetune": to_dict(c.finetune),
+            "export": to_dict(c.export),
             "bench": to_dict(c.bench),
             "report": {},
         }[name]
@@ -416,6 +427,12 @@ class Pipeline:
             self.log(f"[reproduce]   finetune {model_name}/{task}: {result['score']['median']:.1f} "
                      f"({result.get('score_name', '')}, {len(seeds)} seed(s), {seconds:.0f}s)")
         return {"note": f"{len(jobs)} (model, task) runs"}
+
+    def stage_export(self, key: str) -> dict:
+        """ONNX (and int8) export of the fine-tuned student (issue 13; off unless `export.enabled`)."""
+        if not self.cfg.export.enabled:
+            return {"note": "disabled"}
+        raise DistilkitError("export: not implemented yet")
 
     def stage_bench(self, key: str) -> dict:
         b = self.cfg.bench

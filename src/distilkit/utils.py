@@ -154,6 +154,7 @@ def git_commit() -> str | None:
 def provenance() -> dict[str, Any]:
     """What every results file records about the software that produced it."""
     from . import __version__
+    from .hardware import machine_record
 
     import transformers
 
@@ -162,6 +163,7 @@ def provenance() -> dict[str, Any]:
         "git_commit": git_commit(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "machine": machine_record(),
     }
 
 
