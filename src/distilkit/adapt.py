@@ -21,7 +21,7 @@ from . import models
 from .config import AdaptConfig, to_dict
 from .distill import TrainTask, check_config, open_split, result_summary, train, write_model_dir
 from .losses import LossConfig
-from .utils import atomic_write_json, model_fingerprint, provenance, set_seed
+from .utils import atomic_write_json, check_output_not_input, provenance, set_seed
 
 MLM_ONLY = LossConfig(alpha_ce=0.0, alpha_mlm=1.0, alpha_cos=0.0)
 
@@ -34,10 +34,10 @@ def adapt_teacher(teacher: str, corpus: str, out: str, cfg: AdaptConfig | None =
     """
     cfg = cfg or AdaptConfig()
     check_config(cfg)
+    check_output_not_input(out, models.resolve_model(teacher), corpus)
     set_seed(cfg.seed)  # a fresh head's initialisation is part of the run
     model, had_head = models.load_teacher(teacher, warn_missing_head=False)
     tokenizer = models.load_tokenizer(teacher)
-    initial_fp = model_fingerprint(model)
     result = train(TrainTask(model=model, tokenizer=tokenizer, loss=MLM_ONLY, kind="adapt"), corpus, out, cfg, resume=resume)
 
     summary = {
@@ -45,7 +45,7 @@ def adapt_teacher(teacher: str, corpus: str, out: str, cfg: AdaptConfig | None =
         "teacher": str(teacher),
         "teacher_resolved": models.resolve_model(teacher),
         "teacher_had_mlm_head": had_head,
-        "teacher_fingerprint": initial_fp,
+        "teacher_fingerprint": result.initial_fingerprint,
         "corpus": str(corpus),
         "corpus_meta": open_split(corpus, "train").meta,
         "out": str(out),

@@ -272,6 +272,8 @@ def prepare_corpus(
     for path in inputs + heldout_inputs:
         if not Path(path).is_file():
             raise fail_at(path, None, "no such file")
+    from .utils import check_output_not_input  # an --out that is or holds an input would destroy it (--overwrite)
+    check_output_not_input(out, tokenizer, *inputs, *heldout_inputs)
     if block_size < 3:
         raise DistilkitError(f"prepare-corpus: block_size must be >= 3 ([CLS] + tokens + [SEP]), got {block_size}")
     if not 0.0 <= heldout_fraction < 1.0:

@@ -24,9 +24,8 @@ import dataclasses
 import json
 import math
 import os
-import random
-import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,19 +35,28 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from . import losses, models
-from .hardware import PRECISIONS, resolve_mixed_precision
+from . import checkpoint, losses, models
+from .checkpoint import CHECKPOINTS, RESUMABLE_CHANGES, InputsChanged, latest_checkpoint, list_checkpoints  # noqa: F401
 from .config import DistillConfig, TrainConfig, to_dict
+from .hardware import PRECISIONS, resolve_mixed_precision
 from .masking import MaskingConfig, mask_tokens, special_ids_of, token_weights
-from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, use_gpu
+from .utils import (
+    DistilkitError,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_not_input,
+    model_fingerprint,
+    output_occupied,
+    progress as progress_bar,
+    provenance,
+    reset_accelerate_state,
+    set_seed,
+    temp_sibling,
+    use_gpu,
+)
 
-CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-_CKPT_RE = re.compile(r"^step-(\d+)$")
-#: Config fields that may change between a run and its resumption (they do not alter the trajectory).
-RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "eval_batches", "eval_batch_size", "eval_seed"}
 
 
 # =========================================================================== configuration checks
@@ -170,8 +178,7 @@ def evaluate_mlm(
         n_batches = min(n_batches, max_batches)
     nll = 0.0
     correct = count = blocks = 0
-    disable = True if (progress is False or os.environ.get("DISTILKIT_NO_PROGRESS")) else None
-    for b in tqdm(range(n_batches), desc="eval", leave=False, disable=disable):
+    for b in progress_bar(range(n_batches), desc="eval", enabled=progress is not False):
         ids = corpus.batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)))
         attention = (ids != tokenizer.pad_token_id).long()
         masked, labels = mask_tokens(
@@ -269,117 +276,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-# =========================================================================== checkpoints
-
-
-def list_checkpoints(out: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in OUT/checkpoints, oldest first (temporary folders are ignored)."""
-    folder = Path(out) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(out)
-    return found[-1] if found else None
-
-
-def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state(), "masking": generator.get_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = state
-    py = random.getstate()
-    npy = np.random.get_state()
-    plain = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
-    }
-    return tensors, plain
-
-
-def _restore_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / f"rng-rank{rank}.safetensors"))
-    plain = json.loads((folder / f"rng-rank{rank}.json").read_text())
-    torch.set_rng_state(tensors["torch"])
-    generator.set_state(tensors["masking"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_checkpoint(
-    accelerator: Any, out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-    generator: torch.Generator, state: dict[str, Any], keep: int,
-) -> Path:
-    """Write OUT/checkpoints/step-N atomically (temp folder, then rename); keep the newest `keep`. All ranks call."""
-    from safetensors.torch import save_file
-
-    folder = out / CHECKPOINTS
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".step-{step:08d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    tensors, plain = _rng_state(generator)  # every rank: its own RNG streams
-    save_file(tensors, str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
-    atomic_write_json(tmp / f"rng-rank{accelerator.process_index}.json", plain)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        atomic_write_json(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Load a save_pretrained safetensors folder into `model` in place (exact; tied weights re-shared)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    weights: dict[str, torch.Tensor] = {}
-    for name in files:
-        weights.update(load_file(str(folder / name)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    current = model.state_dict()
-    loaded = {current[k].data_ptr() for k in weights if k in current}
-    untied = [k for k in missing if current[k].data_ptr() not in loaded]
-    if unexpected or untied:
-        raise DistilkitError(f"{folder}: checkpoint does not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})")
+# =========================================================================== model folders
 
 
 def write_model_dir(model: Any, tokenizer: Any, folder: str | os.PathLike, info: dict[str, Any], info_name: str) -> None:
     """Save model (safetensors) + tokenizer + an info JSON into `folder`.
 
-    Written in a temporary sibling folder first; a new folder is renamed into place, an existing one
-    (e.g. an adaptation OUT that also holds checkpoints) gets the files moved in with config.json last,
-    so a folder with config.json is always complete.
+    Written in a temporary sibling folder first (`utils.temp_sibling`); a new folder is renamed into place, an
+    existing one (e.g. an adaptation OUT that also holds checkpoints) gets the files moved in with config.json
+    last, so a folder with config.json is always complete.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(folder)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -394,6 +302,17 @@ def write_model_dir(model: Any, tokenizer: Any, folder: str | os.PathLike, info:
             os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def freeze_position_embeddings(model: torch.nn.Module) -> int:
+    """requires_grad False on the model's learned position embeddings (the paper's --freeze_pos_embs);
+    returns how many tensors were frozen."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name.endswith("embeddings.position_embeddings.weight"):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 # =========================================================================== the training loop
@@ -426,10 +345,13 @@ class TrainResult:
     initial_fingerprint: str
     final_fingerprint: str
     rank_fingerprints: list[str] = field(default_factory=list)
+    mixed_precision: str = "no"  # resolved: "bf16", "fp16" or "no"
+    teacher_fingerprint: str | None = None
 
 
-def _no_progress() -> bool:
-    return bool(os.environ.get("DISTILKIT_NO_PROGRESS"))
+_LOSS_NAMES = ("loss", "loss_ce", "loss_mlm", "loss_cos")
+#: What OUT may hold for a plain (not --resume) run to start in it: a run that stopped before its first checkpoint.
+_RESTARTABLE = {CHECKPOINTS, METRICS, "tensorboard"}
 
 
 def _fmt(x: float | None) -> str:
@@ -449,6 +371,236 @@ def _trajectory_config(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
+@dataclass
+class _Run:
+    """One training run's fixed parts (built by `_setup`) and its position (advanced by the loop)."""
+
+    task: TrainTask
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    precision: str
+    blocks: Any
+    heldout: Any
+    plan: Plan
+    identity: dict[str, Any]
+    ckpt: Path | None
+    state: dict[str, Any]
+    # filled by _restore
+    student: Any = None
+    teacher_fwd: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    generator: Any = None
+    masking: Any = None
+    special: Any = None
+    weights: Any = None
+    eval_kw: dict[str, Any] = field(default_factory=dict)
+    eval_before: dict[str, Any] = field(default_factory=dict)
+    # position
+    epoch: int = 0
+    micro: int = 0
+    step: int = 0
+    tokens: int = 0
+    order: Any = None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _setup(task: TrainTask, corpus: str | os.PathLike, out: Path, cfg: TrainConfig, resume: bool) -> _Run:
+    """Accelerator, data, plan, the run's identity, and the checkpoint to continue from (resume rules applied)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    lcfg = task.loss
+    unused_head = lcfg.alpha_ce == 0 and lcfg.alpha_mlm == 0  # cosine only: the MLM head gets no gradient
+    reset_accelerate_state()
+    cuda = use_gpu()
+    precision = resolve_mixed_precision(cfg.mixed_precision, cuda=cuda)
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_head)],
+    )
+    _check_world(accelerator)
+    main = accelerator.is_main_process
+    if main:
+        how = "resolved from auto" if cfg.mixed_precision == "auto" else "as configured"
+        print(f"{task.kind}: mixed precision {precision} ({how}) on {accelerator.device}", file=sys.stderr)
+
+    blocks = open_split(corpus, "train")
+    heldout = open_split(corpus, "heldout")
+    plan = plan_training(cfg, len(blocks), blocks.block_size, accelerator.num_processes)
+    check_corpus_tokenizer(blocks, task.tokenizer, task.model, corpus)
+    identity = checkpoint.run_identity(
+        teacher_fingerprint=model_fingerprint(task.teacher) if task.teacher is not None else None,
+        initial_fingerprint=model_fingerprint(task.model), corpus_meta=blocks.meta, block_size=blocks.block_size,
+        mixed_precision=precision, model=task.model, world_size=accelerator.num_processes,
+        trajectory=_trajectory_config(cfg),
+    )
+
+    if main:
+        checkpoint.clean_temps(out)
+    has_steps = bool(checkpoint.step_dirs(out))
+    if not resume and output_occupied(out, () if has_steps else _RESTARTABLE):
+        raise DistilkitError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")
+    ckpt = checkpoint.resume_point(out, is_main=main) if resume else None
+    if resume and ckpt is None and main:
+        warnings.warn(f"{out}: no checkpoint to resume from; starting from the beginning", UserWarning, stacklevel=2)
+    state = checkpoint.load_state(ckpt) if ckpt else {}
+    if ckpt:
+        checkpoint.check_resume(ckpt, state, identity)
+    accelerator.wait_for_everyone()  # every rank has looked at OUT before anything is written to it
+    if main:  # OUT/checkpoints exists from the start: a run killed before its first checkpoint is resumable too
+        checkpoint.drop_newer(ckpt, out)
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(out / METRICS, state.get("position", {}).get("step", 0))
+    return _Run(task=task, cfg=cfg, out=out, accelerator=accelerator, precision=precision, blocks=blocks,
+                heldout=heldout, plan=plan, identity=identity, ckpt=ckpt, state=state)
+
+
+def _restore(r: _Run) -> None:
+    """Seeds, optimizer and schedule; with a checkpoint, weights, optimizer, schedule, RNG and data position."""
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg, task, acc = r.cfg, r.task, r.accelerator
+    set_seed(cfg.seed + r.rank)
+    r.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (r.rank + 1))
+    model = task.model
+    if r.ckpt:
+        checkpoint.load_weights(model, r.ckpt / "model")
+    model.train()
+    if cfg.attention_dropout is not None:
+        models.set_attention_dropout(model, cfg.attention_dropout)
+    if cfg.freeze_position_embeddings and not freeze_position_embeddings(model):
+        raise DistilkitError(f"config: freeze_position_embeddings: {type(model).__name__} has no learned position embeddings")
+    if task.teacher is not None:
+        task.teacher.to(acc.device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(  # fused: one kernel over all tensors (CPU: 14 ms vs 71 ms a step, benchmarks/)
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
+    )
+    r.scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * r.plan.steps), r.plan.steps)
+    r.student, r.optimizer = acc.prepare(losses.MLMForward(model), optimizer)
+    r.teacher_fwd = losses.MLMForward(task.teacher) if task.teacher is not None else None
+    if r.ckpt:
+        checkpoint.restore_training(r.ckpt, r.optimizer, r.scheduler, acc.scaler, r.generator, r.rank)
+
+    r.masking = masking_config(cfg)
+    r.special = special = special_ids_of(task.tokenizer)
+    r.weights = token_weights(r.blocks.token_counts(), r.masking.smoothing, special) if r.masking.smoothing is not None else None
+    r.eval_kw = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, max_batches=cfg.eval_batches, seed=cfg.eval_seed,
+                     masking=r.masking, device=acc.device)
+    pos = r.state.get("position", {"epoch": 0, "micro": 0, "step": 0, "tokens": 0})
+    r.epoch, r.micro, r.step, r.tokens = pos["epoch"], pos["micro"], pos["step"], pos["tokens"]
+    r.order = epoch_order(len(r.blocks), cfg.seed, r.epoch)
+
+    # held-out scores before training (first start only; kept in every checkpoint)
+    r.eval_before = r.state.get("eval_before", {})
+    if not r.ckpt and r.heldout is not None:
+        if r.main:
+            r.eval_before = {"model": evaluate_mlm(model, r.heldout, task.tokenizer, **r.eval_kw)}
+            if task.teacher is not None:
+                r.eval_before["teacher"] = evaluate_mlm(task.teacher, r.heldout, task.tokenizer, **r.eval_kw)
+        acc.wait_for_everyone()
+
+
+def _micro_step(r: _Run, sync: bool) -> dict[str, Any]:
+    """Forward and backward of one micro-batch (the next one of this rank); returns the loss terms."""
+    if r.micro >= r.plan.micro_per_epoch:
+        r.epoch, r.micro = r.epoch + 1, 0
+        r.order = epoch_order(len(r.blocks), r.cfg.seed, r.epoch)
+    tok = r.task.tokenizer
+    ids = r.blocks.batch(rank_slice(r.order, r.micro, r.plan.batch_size, r.world, r.rank))
+    r.micro += 1
+    attention = (ids != tok.pad_token_id).long()
+    masked, labels = mask_tokens(
+        ids, mask_token_id=tok.mask_token_id, vocab_size=r.blocks.vocab_size, special_ids=r.special,
+        cfg=r.masking, attention_mask=attention, weights=r.weights, generator=r.generator,
+    )
+    device = r.accelerator.device
+    batch = {"input_ids": masked.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+    with contextlib.nullcontext() if sync else r.accelerator.no_sync(r.student):
+        with r.accelerator.autocast():
+            result = losses.compute_losses(r.student, r.teacher_fwd, batch, r.task.loss)
+        r.accelerator.backward(result["loss"] / r.plan.accumulation)
+    return result
+
+
+def _optimizer_step(r: _Run) -> tuple[dict[str, float | None], int]:
+    """The micro-steps of one optimizer step, all ranks' mean loss terms, clipping and the update.
+    Returns (loss terms, tokens of the step); a non-finite loss raises before the update."""
+    acc, n = r.accelerator, r.plan.accumulation
+    sums = torch.zeros(len(_LOSS_NAMES) + 1, dtype=torch.float64, device=acc.device)
+    for m in range(n):
+        result = _micro_step(r, sync=m == n - 1)
+        for i, key in enumerate(_LOSS_NAMES):
+            if result[key] is not None:
+                sums[i] += result[key].detach().double() / n
+        sums[-1] += result["n_tokens"]
+    sums = acc.reduce(sums, reduction="sum")
+    sums[: len(_LOSS_NAMES)] /= r.world
+    values = {k: (float(sums[i]) if result[k] is not None else None) for i, k in enumerate(_LOSS_NAMES)}
+    if not math.isfinite(values["loss"]):
+        good = checkpoint.latest_checkpoint(r.out)
+        raise DistilkitError(
+            f"non-finite loss ({values['loss']}) at optimizer step {r.step + 1} "
+            f"({', '.join(f'{k}={v}' for k, v in values.items() if v is not None)}); "
+            f"last good checkpoint: {good if good else 'none'}. Lower lr or check the data."
+        )
+    if r.cfg.grad_clip > 0:
+        acc.clip_grad_norm_(r.student.parameters(), r.cfg.grad_clip)
+    r.optimizer.step()
+    r.scheduler.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.step += 1
+    step_tokens = int(sums[-1])
+    r.tokens += step_tokens
+    return values, step_tokens
+
+
+def _log(r: _Run, values: dict[str, float | None], rate: float, elapsed: float, writer: Any, bar: Any) -> None:
+    """One metrics.jsonl line (+ TensorBoard scalars and the progress bar's text). Main process only."""
+    record = {"step": r.step, "epoch": round(r.step / r.plan.steps_per_epoch, 4), "lr": r.scheduler.get_last_lr()[0],
+              **values, "tokens": r.tokens, "tokens_per_s": round(rate, 1), "elapsed": round(elapsed, 2),
+              "mixed_precision": r.precision}
+    with open(r.out / METRICS, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(f"train/{k}", v, r.step)
+    bar.set_postfix_str(f"tok/s {rate:.0f} loss {_fmt(values['loss'])} ce {_fmt(values['loss_ce'])} "
+                        f"mlm {_fmt(values['loss_mlm'])} cos {_fmt(values['loss_cos'])}")
+
+
+def _save(r: _Run, elapsed: float) -> None:
+    checkpoint.save(
+        r.accelerator, r.out, r.step, r.task.model, r.optimizer, r.scheduler, r.generator,
+        {
+            "step": r.step,
+            "position": {"epoch": r.epoch, "micro": r.micro, "step": r.step, "tokens": r.tokens},
+            "elapsed": elapsed,
+            "world_size": r.world,
+            "plan": dataclasses.asdict(r.plan),
+            "config": to_dict(r.cfg),
+            "config_class": type(r.cfg).__name__,
+            "eval_before": r.eval_before,
+            "initial_fingerprint": r.identity["initial_model"],
+            "inputs": r.identity,
+        },
+        r.cfg.keep_checkpoints,
+    )
+
+
 def train(
     task: TrainTask,
     corpus: str | os.PathLike,
@@ -457,209 +609,57 @@ def train(
     *,
     resume: bool = False,
 ) -> TrainResult:
-    """Train `task.model` on the corpus's train split; checkpoints, metrics and TensorBoard logs go to `out`."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object
-    from transformers import get_linear_schedule_with_warmup
+    """Train `task.model` on the corpus's train split; checkpoints, metrics and TensorBoard logs go to `out`.
+
+    setup (accelerator, data, plan, resume rules: `checkpoint`) -> restore (weights, optimizer, RNG, data
+    position) -> loop (optimizer step of micro-steps, log, save) -> held-out scores after training.
+    """
+    from accelerate.utils import gather_object
 
     check_config(cfg)
-    out = Path(out)
-    lcfg = task.loss
-    unused_head = lcfg.alpha_ce == 0 and lcfg.alpha_mlm == 0  # cosine only: the MLM head gets no gradient
-    reset_accelerate_state()
-    cuda = use_gpu()
-    precision = resolve_mixed_precision(cfg.mixed_precision, cuda=cuda)
-    accelerator = Accelerator(
-        cpu=not cuda,
-        mixed_precision=precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_head)],
-    )
-    _check_world(accelerator)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    device = accelerator.device
-
-    # --- data, plan, output folder --------------------------------------------------------------
-    blocks = open_split(corpus, "train")
-    heldout = open_split(corpus, "heldout")
-    plan = plan_training(cfg, len(blocks), blocks.block_size, world)
-    check_corpus_tokenizer(blocks, task.tokenizer, task.model, corpus)
-    ckpt = latest_checkpoint(out) if resume else None
-    if not resume and out.exists() and any(out.iterdir()):
-        raise DistilkitError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")
-    if resume and ckpt is None and main:
-        warnings.warn(f"{out}: no checkpoint to resume from; starting from the beginning", UserWarning, stacklevel=2)
-    state: dict[str, Any] = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
-    if ckpt:
-        if state["world_size"] != world:
-            raise DistilkitError(f"{ckpt}: written by {state['world_size']} processes, now {world}: resume with the same number")
-        saved, now = _trajectory_config_from(state["config"]), _trajectory_config(cfg)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            raise DistilkitError(f"{ckpt}: config differs from the checkpoint's in {changed}: resume with the same settings")
-    accelerator.wait_for_everyone()  # every rank has looked at OUT before anything is written to it
-    if main:  # OUT/checkpoints exists from the start: a run killed before its first checkpoint is resumable too
-        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(out / METRICS, state.get("position", {}).get("step", 0))
-
-    # --- models, optimizer, schedule ------------------------------------------------------------
-    set_seed(cfg.seed + rank)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
-    model = task.model
-    if ckpt:
-        load_weights(model, ckpt / "model")
-    initial_fp = state.get("initial_fingerprint") or model_fingerprint(model)
-    model.train()
-    if cfg.attention_dropout is not None:
-        models.set_attention_dropout(model, cfg.attention_dropout)
-    teacher = task.teacher
-    if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(  # fused: one kernel over all tensors (CPU: 14 ms vs 71 ms a step, benchmarks/)
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
-    )
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * plan.steps), plan.steps)
-    student, optimizer = accelerator.prepare(losses.MLMForward(model), optimizer)
-    teacher_fwd = losses.MLMForward(teacher) if teacher is not None else None
-    if ckpt:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-        if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
-            accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", map_location="cpu", weights_only=True))
-        _restore_rng(ckpt, rank, generator)
-
-    mcfg = masking_config(cfg)
-    special = special_ids_of(task.tokenizer)
-    weights = token_weights(blocks.token_counts(), mcfg.smoothing, special) if mcfg.smoothing is not None else None
-    pad_id = task.tokenizer.pad_token_id
-    eval_kw = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, max_batches=cfg.eval_batches, seed=cfg.eval_seed,
-                   masking=mcfg, device=device)
-
-    # --- held-out scores before training (first start only; kept in every checkpoint) -------------
-    eval_before: dict[str, Any] = state.get("eval_before", {})
-    if not ckpt and heldout is not None:
-        if main:
-            eval_before = {"model": evaluate_mlm(model, heldout, task.tokenizer, **eval_kw)}
-            if teacher is not None:
-                eval_before["teacher"] = evaluate_mlm(teacher, heldout, task.tokenizer, **eval_kw)
-        accelerator.wait_for_everyone()
-
-    # --- the loop -------------------------------------------------------------------------------
-    pos = state.get("position", {"epoch": 0, "micro": 0, "step": 0, "tokens": 0})
-    epoch, micro, step, tokens = pos["epoch"], pos["micro"], pos["step"], pos["tokens"]
-    elapsed_before = float(state.get("elapsed", 0.0))
-    order = epoch_order(len(blocks), cfg.seed, epoch)
-    writer = _tensorboard(out, cfg) if main else None
-    bar = tqdm(total=plan.steps, initial=step, desc=task.kind, unit="step", dynamic_ncols=True,
-               disable=True if (not main or _no_progress()) else None)
+    r = _setup(task, corpus, Path(out), cfg, resume)
+    _restore(r)
+    main = r.main
+    elapsed_before = float(r.state.get("elapsed", 0.0))
+    writer = _tensorboard(r.out, cfg) if main else None
+    bar = progress_bar(total=r.plan.steps, initial=r.step, desc=task.kind, unit="step", leave=True, enabled=main)
     t_start = time.perf_counter()
     train_time = 0.0  # seconds spent in steps (not in checkpoints / evaluation)
     seg_tokens = 0
-    last_log = (time.perf_counter(), tokens, 0.0)
+    last_log = (r.tokens, 0.0)
     last: dict[str, float | None] = {}
-    names = ("loss", "loss_ce", "loss_mlm", "loss_cos")
     try:
-        while step < plan.steps:
+        while r.step < r.plan.steps:
             t0 = time.perf_counter()
-            sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
-            for m in range(plan.accumulation):
-                if micro >= plan.micro_per_epoch:
-                    epoch, micro = epoch + 1, 0
-                    order = epoch_order(len(blocks), cfg.seed, epoch)
-                ids = blocks.batch(rank_slice(order, micro, plan.batch_size, world, rank))
-                micro += 1
-                attention = (ids != pad_id).long()
-                masked, labels = mask_tokens(
-                    ids, mask_token_id=task.tokenizer.mask_token_id, vocab_size=blocks.vocab_size, special_ids=special,
-                    cfg=mcfg, attention_mask=attention, weights=weights, generator=generator,
-                )
-                batch = {"input_ids": masked.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
-                sync = m == plan.accumulation - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(student):
-                    with accelerator.autocast():
-                        result = losses.compute_losses(student, teacher_fwd, batch, lcfg)
-                    accelerator.backward(result["loss"] / plan.accumulation)
-                for i, key in enumerate(names):
-                    if result[key] is not None:
-                        sums[i] += result[key].detach().double() / plan.accumulation
-                sums[-1] += result["n_tokens"]
-            sums = accelerator.reduce(sums, reduction="sum")
-            sums[: len(names)] /= world
-            values = {k: (float(sums[i]) if result[k] is not None else None) for i, k in enumerate(names)}
-            if not math.isfinite(values["loss"]):
-                good = latest_checkpoint(out)
-                raise DistilkitError(
-                    f"non-finite loss ({values['loss']}) at optimizer step {step + 1} "
-                    f"({', '.join(f'{k}={v}' for k, v in values.items() if v is not None)}); "
-                    f"last good checkpoint: {good if good else 'none'}. Lower lr or check the data."
-                )
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_tokens = int(sums[-1])
-            tokens += step_tokens
+            last, step_tokens = _optimizer_step(r)
             seg_tokens += step_tokens
             train_time += time.perf_counter() - t0
-            last = values
-
             bar.update(1)
-            if main and (step % cfg.log_every == 0 or step == plan.steps):
-                now = time.perf_counter()
-                t_prev, tok_prev, train_prev = last_log
-                rate = (tokens - tok_prev) / max(train_time - train_prev, 1e-9)
-                last_log = (now, tokens, train_time)
-                record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-                          **values, "tokens": tokens, "tokens_per_s": round(rate, 1),
-                          "elapsed": round(elapsed_before + now - t_start, 2)}
-                with open(out / METRICS, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for k, v in record.items():
-                        if v is not None and k not in ("step",):
-                            writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix_str(f"tok/s {rate:.0f} loss {_fmt(values['loss'])} ce {_fmt(values['loss_ce'])} "
-                                    f"mlm {_fmt(values['loss_mlm'])} cos {_fmt(values['loss_cos'])}")
-            if step % cfg.save_every == 0 or step == plan.steps:
-                save_checkpoint(
-                    accelerator, out, step, model, optimizer, scheduler, generator,
-                    {
-                        "step": step,
-                        "position": {"epoch": epoch, "micro": micro, "step": step, "tokens": tokens},
-                        "elapsed": elapsed_before + time.perf_counter() - t_start,
-                        "world_size": world,
-                        "plan": dataclasses.asdict(plan),
-                        "config": to_dict(cfg),
-                        "config_class": type(cfg).__name__,
-                        "eval_before": eval_before,
-                        "initial_fingerprint": initial_fp,
-                    },
-                    cfg.keep_checkpoints,
-                )
+            if main and (r.step % cfg.log_every == 0 or r.step == r.plan.steps):
+                rate = (r.tokens - last_log[0]) / max(train_time - last_log[1], 1e-9)
+                last_log = (r.tokens, train_time)
+                _log(r, last, rate, elapsed_before + time.perf_counter() - t_start, writer, bar)
+            if r.step % cfg.save_every == 0 or r.step == r.plan.steps:
+                _save(r, elapsed_before + time.perf_counter() - t_start)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
 
-    # --- after training -------------------------------------------------------------------------
     eval_after: dict[str, Any] = {}
-    if heldout is not None and main:
-        eval_after = {"model": evaluate_mlm(model, heldout, task.tokenizer, **eval_kw)}
-    final_fp = model_fingerprint(model)
+    if r.heldout is not None and main:
+        eval_after = {"model": evaluate_mlm(task.model, r.heldout, task.tokenizer, **r.eval_kw)}
+    final_fp = model_fingerprint(task.model)
     fingerprints = gather_object([final_fp])
-    accelerator.wait_for_everyone()
+    r.accelerator.wait_for_everyone()
     return TrainResult(
-        is_main=main, world_size=world, plan=plan, steps=step, tokens=tokens,
+        is_main=main, world_size=r.world, plan=r.plan, steps=r.step, tokens=r.tokens,
         tokens_per_s=seg_tokens / train_time if train_time > 0 else 0.0,
-        elapsed=elapsed_before + time.perf_counter() - t_start, resumed_from=str(ckpt) if ckpt else None,
-        last=last, eval_before=eval_before, eval_after=eval_after, initial_fingerprint=initial_fp,
-        final_fingerprint=final_fp, rank_fingerprints=list(fingerprints),
+        elapsed=elapsed_before + time.perf_counter() - t_start, resumed_from=str(r.ckpt) if r.ckpt else None,
+        last=last, eval_before=r.eval_before, eval_after=eval_after, initial_fingerprint=r.identity["initial_model"],
+        final_fingerprint=final_fp, rank_fingerprints=list(fingerprints), mixed_precision=r.precision,
+        teacher_fingerprint=r.identity["teacher"],
     )
-
-
-def _trajectory_config_from(saved: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -671,8 +671,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         with contextlib.suppress(json.JSONDecodeError):
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
-    from .utils import atomic_write_text
-
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
@@ -706,6 +704,7 @@ def result_summary(result: TrainResult) -> dict[str, Any]:
         "initial_fingerprint": result.initial_fingerprint,
         "final_fingerprint": result.final_fingerprint,
         "rank_fingerprints": result.rank_fingerprints,
+        "mixed_precision": result.mixed_precision,
     }
 
 
@@ -723,6 +722,7 @@ def distill(
     """
     cfg = cfg or DistillConfig()
     check_config(cfg)
+    check_output_not_input(out, models.resolve_model(teacher), student, corpus)
     set_seed(cfg.seed)  # a headless teacher gets a (seeded) fresh head
     tmodel, had_head = models.load_teacher(teacher)
     smodel = models.load_student(student)
@@ -734,8 +734,8 @@ def distill(
         raise DistilkitError(f"{student}: hidden size {smodel.config.dim} differs from the teacher's "
                              f"{tmodel.config.hidden_size}: the cosine loss needs equal widths (set alpha_cos=0)")
     task = TrainTask(model=smodel, tokenizer=tokenizer, loss=loss_config(cfg), teacher=tmodel, kind="distill")
-    teacher_fp = model_fingerprint(tmodel)
     result = train(task, corpus, out, cfg, resume=resume)
+    teacher_fp = result.teacher_fingerprint
 
     summary = {
         "command": "distill",
@@ -769,6 +769,7 @@ def distill(
                 "eval_batches": cfg.eval_batches,
                 "teacher_fingerprint": teacher_fp,
                 "student_fingerprint": result.final_fingerprint,
+                "mixed_precision": result.mixed_precision,
                 **provenance(),
             })
         atomic_write_json(out / "distill.json", summary)

@@ -21,7 +21,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,23 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .config import FinetuneConfig, to_dict
 from .distill import param_groups
+from .losses import kl_distill
 from .models import resolve_model
 from .tasks import Example, Task, get_task, load_split, split_files, split_name, truncate_ids
-from .utils import DistilkitError, atomic_dir, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, sha256_file, use_gpu
+from .utils import DistilkitError, atomic_dir, atomic_write_json, check_output_not_input, model_fingerprint, progress, provenance, reset_accelerate_state, set_seed, sha256_file, use_gpu
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # where the first seed's fine-tuned model is saved inside the output folder
 META_FILE = "distilkit_finetune.json"  # written into every saved model folder
-
-
-def _progress(**kwargs: Any) -> tqdm:
-    """A tqdm bar, hidden when not on a terminal or when DISTILKIT_NO_PROGRESS is set."""
-    return tqdm(disable=True if os.environ.get("DISTILKIT_NO_PROGRESS") else None, leave=False, **kwargs)
 
 
 # =========================================================================== hyper-parameters
@@ -304,11 +298,7 @@ def distill_loss(task: Task, student: torch.Tensor, teacher: torch.Tensor, tempe
     """T^2 KL(softmax(teacher/T) || softmax(student/T)) per example, or MSE to the teacher's score (regression)."""
     if task.is_regression:
         return F.mse_loss(student.squeeze(-1).float(), teacher.squeeze(-1).float())
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
-        log_target=True, reduction="batchmean",
-    ) * (t * t)
+    return kl_distill(student, teacher, temperature)
 
 
 @torch.inference_mode()
@@ -318,7 +308,7 @@ def predict_logits(model, feats: Features, batch_size: int, pad_id: int, acceler
     names = input_names(accelerator.unwrap_model(model))
     out = np.zeros((len(feats), accelerator.unwrap_model(model).config.num_labels), dtype=np.float32)
     batches = sorted_batches(feats.lengths, batch_size)
-    for idx in _progress(iterable=batches, desc=desc, unit="batch"):
+    for idx in progress(batches, desc=desc, unit="batch"):
         with accelerator.autocast():
             batch = collate(feats, idx, pad_id, accelerator.device)
             logits = model(**{k: batch[k] for k in names}).logits
@@ -354,7 +344,7 @@ def train(
     model.train()
     step, seen, epoch_losses = 0, 0, []
     start = time.perf_counter()
-    bar = _progress(total=total, desc=f"seed {seed} train", unit="step")
+    bar = progress(total=total, desc=f"seed {seed} train", unit="step")
     for _ in range(n_epochs):
         batches = (
             length_grouped_batches(feats.lengths, hp.batch_size, rng, cfg.mega_batch)
@@ -402,6 +392,7 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
     cfg = cfg or FinetuneConfig()
     wall_start = time.perf_counter()
     _check_config(cfg)
+    check_output_not_input(out, resolve_model(model), cfg.distill_from and resolve_model(cfg.distill_from))
     t = get_task(task)
     data_dir = str(data_dir)
 

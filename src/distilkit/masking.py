@@ -24,7 +24,7 @@ import torch
 
 from .utils import DistilkitError
 
-IGNORE_INDEX = -100
+from .losses import IGNORE_INDEX  # noqa: F401  (one definition, in losses: the label value the losses skip)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
 from .models import count_parameters, load_teacher, load_tokenizer, resolve_model
-from .utils import DistilkitError, atomic_dir, atomic_write_json, provenance
+from .utils import DistilkitError, atomic_dir, atomic_write_json, check_output_not_input, output_occupied, provenance
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def init_student(
 ) -> StudentSummary:
     """`distilkit init-student`: build, save (safetensors + config + tokenizer) and summarise."""
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    check_output_not_input(out, resolve_model(teacher))
+    if output_occupied(out) and not overwrite:
         raise DistilkitError(f"{out}: output folder exists and is not empty (use --overwrite)")
     tmodel, had_head = load_teacher(teacher)
     n = tmodel.config.num_hidden_layers

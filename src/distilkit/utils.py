@@ -7,11 +7,12 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,20 +31,88 @@ def fail_at(path: str | os.PathLike, line: int | None, expected: str) -> Distilk
 # --------------------------------------------------------------------------- atomic output
 
 
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-[^/]*)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def is_stale_temp(path: str | os.PathLike, name: str | None = None) -> bool:
+    """Whether `path` is a temporary leftover of distilkit (`.NAME.tmp-PID[-...]` or `.NAME.old-PID`, as made
+    by `temp_sibling` / `atomic_dir`) whose process is gone; with `name`, only the leftovers of NAME."""
+    m = _TEMP_RE.match(Path(path).name)
+    return bool(m) and (name is None or m.group("name") == name) and not _pid_alive(int(m.group("pid")))
+
+
+def clean_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the stale temporary leftovers (see `is_stale_temp`) in `folder`; return what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if is_stale_temp(p, name)]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return removed
+
+
+def temp_sibling(final: str | os.PathLike) -> Path:
+    """A new empty folder `.NAME.tmp-PID-XXXX` beside `final` (the PID lets a later run see that its writer is
+    gone); stale leftovers of earlier, killed writers of the same NAME are removed first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+    return tmp
+
+
+def output_occupied(path: str | os.PathLike, ignorable: Iterable[str] = ()) -> bool:
+    """The one "output folder exists and is not empty" test: True when `path` is a file, or a folder holding
+    anything but stale temporary leftovers (`is_stale_temp`, removed here) and the entries named in `ignorable`."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        return True
+    clean_stale_temps(path)
+    return any(p.name not in set(ignorable) for p in path.iterdir())
+
+
+def check_output_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | None, what: str = "--out") -> None:
+    """Refuse an output folder that is, lies inside, or contains one of the (existing, local) inputs: writing it
+    (or replacing it with --overwrite) would destroy the input. Symlinks are resolved; hub ids are skipped."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else ("lies inside" if source in target.parents else "contains")
+            raise DistilkitError(f"{out}: {what} {relation} the input {given}: writing it would destroy that input; "
+                                 "choose an output folder apart from the inputs")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success rename it to `final`.
 
-    On any exception the temporary folder is removed, so nothing half-written is left.
+    On any exception the temporary folder is removed, so nothing half-written is left; one left by a killed
+    process (SIGKILL) is removed by the next `atomic_dir` on the same `final` (see `temp_sibling`).
     If `final` exists and is non-empty, raise unless `overwrite` (then it is replaced).
     """
     final = Path(final)
-    occupied = final.exists() and (not final.is_dir() or any(final.iterdir()))
-    if occupied and not overwrite:
+    if output_occupied(final) and not overwrite:
         raise DistilkitError(f"{final}: output folder exists and is not empty (use --overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+    tmp = temp_sibling(final)
     try:
         yield tmp
     except BaseException:
@@ -165,6 +234,20 @@ def provenance() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "machine": machine_record(),
     }
+
+
+# --------------------------------------------------------------------------- progress bars
+
+
+def progress(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> Any:
+    """The one progress bar: tqdm, hidden when `enabled` is False (e.g. not the main rank), when
+    DISTILKIT_NO_PROGRESS is set, or when not on a terminal; not left on screen unless `leave=True`."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    disable = True if (not enabled or os.environ.get("DISTILKIT_NO_PROGRESS")) else None
+    return tqdm(iterable, disable=disable, **kwargs)
 
 
 # --------------------------------------------------------------------------- randomness
