@@ -48,6 +48,9 @@ def test_adapt_teacher_learns_masked_lm(tiny_teacher_no_head, corpus, tmp_path):
     layer = next(k for k in start if "encoder.layer.0.attention.self.query.weight" in k)
     assert not torch.equal(start[layer], end["bert." + layer if not layer.startswith("bert.") else layer])
     assert r["config"]["lr"] == 3e-3 and r["teacher_had_mlm_head"] is False
+    # the resolved precision is recorded ("auto" -> bf16 where the device computes bf16 natively, else no)
+    assert r["mixed_precision"] in ("bf16", "no") and r["config"]["mixed_precision"] == "auto"
+    assert json.loads((out / "adapt.json").read_text())["mixed_precision"] == r["mixed_precision"]
 
 
 def test_adapt_cli_resume_is_exact(tiny_teacher_no_head, corpus, tmp_path, capsys):

@@ -102,6 +102,12 @@ def test_resume_with_another_student_teacher_or_corpus_is_refused(
     other_teacher = make_tiny_teacher(tmp_path / "other-teacher", seed=5)
     with pytest.raises(checkpoint.InputsChanged, match="the teacher's weights"):
         distill(str(other_teacher), str(tiny_student), str(tiny_corpus), str(out), RUN, resume=True)
+    other_config = tmp_path / "other-config"  # same weights, another dropout
+    shutil.copytree(tiny_student, other_config)
+    config = json.loads((other_config / "config.json").read_text())
+    (other_config / "config.json").write_text(json.dumps({**config, "dropout": 0.2}))
+    with pytest.raises(checkpoint.InputsChanged, match=r"the model architecture in \['dropout'\]"):
+        distill(str(tiny_teacher), str(other_config), str(tiny_corpus), str(out), RUN, resume=True)
     # unchanged inputs: continues, and matches the uninterrupted run
     r = distill(str(tiny_teacher), str(tiny_student), str(tiny_corpus), str(out), RUN, resume=True)
     assert r["resumed_from"].endswith("step-00000004")

@@ -147,9 +147,11 @@ def test_loss_falls_and_outputs_are_complete(tiny_teacher, tiny_student, tiny_co
     torch.load(latest_checkpoint(out) / "optimizer.pt", weights_only=True)
 
 
-def test_in_process_resume_is_exact(tiny_teacher, tiny_student, tiny_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_in_process_resume_is_exact(tiny_teacher, tiny_student, tiny_corpus, tmp_path, monkeypatch, precision):
+    """Bit-exact within one precision: fp32, and bf16 autocast (on CPU too)."""
     cfg = DistillConfig(steps=8, batch_size=4, effective_batch=8, lr=2e-3, save_every=3, keep_checkpoints=1,
-                        log_every=1, smoothing=0.7, eval_batches=1)
+                        log_every=1, smoothing=0.7, eval_batches=1, mixed_precision=precision)
     distill(str(tiny_teacher), str(tiny_student), str(tiny_corpus), str(tmp_path / "full"), cfg)
 
     real = losses.compute_losses

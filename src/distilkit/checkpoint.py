@@ -57,7 +57,7 @@ class InputsChanged(DistilkitError):
     def __init__(self, checkpoint: Path, changed: list[str]):
         self.checkpoint, self.changed = checkpoint, changed
         super().__init__(
-            f"{checkpoint}: {'; '.join(changed)} — differ(s) from the run this checkpoint belongs to "
+            f"{checkpoint}: not the run this checkpoint belongs to, it differs in {'; '.join(changed)} "
             f"(use another --out, or delete {checkpoint.parent.parent} to start over)"
         )
 

@@ -11,9 +11,12 @@ teacher adaptation (adapt.py) is "one model + MLM loss only". The loop:
 * masks every batch afresh (`masking.mask_tokens`, optional count^-s smoothing);
 * steps AdamW (no decay on biases / LayerNorms) with linear warm-up and decay, gradient clipping and
   accumulation up to an effective batch in sequences or tokens;
-* writes atomic checkpoints (safetensors weights, optimizer / scheduler tensors, RNG states, data
-  position) from which `resume=True` continues bit-exactly, metrics as JSONL, and stops with a
-  DistilkitError on a non-finite loss, keeping the last good checkpoint;
+* writes atomic, manifest-verified checkpoints (checkpoint.py: safetensors weights, optimizer / scheduler
+  tensors, RNG states, data position, the run's inputs) from which `resume=True` continues bit-exactly,
+  only with the same inputs and settings (else `checkpoint.InputsChanged`), past a broken newest one;
+  metrics as JSONL; stops with a DistilkitError on a non-finite loss, keeping the last good checkpoint;
+* prints the resolved mixed precision ("auto" -> bf16 / no) and records it in results and metrics;
+  optionally freezes the position embeddings (`freeze_position_embeddings`, the paper's code);
 * scores held-out masked-LM accuracy / perplexity with a fixed masking seed before and after.
 """
 
