@@ -134,9 +134,9 @@ def resume_point(out: str | os.PathLike, *, is_main: bool = True) -> Path | None
     return None
 
 
-def drop_newer(ckpt: Path | None, out: str | os.PathLike) -> None:
+def drop_newer(ckpt: Path, out: str | os.PathLike) -> None:
     """Remove step folders newer than the one resumed from (broken ones: training passes those steps again)."""
-    step = int(_STEP_RE.match(ckpt.name).group(1)) if ckpt else -1
+    step = int(_STEP_RE.match(ckpt.name).group(1))
     for p in step_dirs(out):
         if int(_STEP_RE.match(p.name).group(1)) > step:
             shutil.rmtree(p, ignore_errors=True)

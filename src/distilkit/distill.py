@@ -353,7 +353,8 @@ class TrainResult:
 
 
 _LOSS_NAMES = ("loss", "loss_ce", "loss_mlm", "loss_cos")
-#: What OUT may hold for a plain (not --resume) run to start in it: a run that stopped before its first checkpoint.
+#: What OUT may hold for a plain (not --resume) run to start in it, when its checkpoints/ holds no step folder:
+#: the leftovers of a run that stopped before its first checkpoint (temp leftovers are always ignored).
 _RESTARTABLE = {CHECKPOINTS, METRICS, "tensorboard"}
 
 
@@ -453,8 +454,8 @@ def _setup(task: TrainTask, corpus: str | os.PathLike, out: Path, cfg: TrainConf
 
     if main:
         checkpoint.clean_temps(out)
-    has_steps = bool(checkpoint.step_dirs(out))
-    if not resume and output_occupied(out, () if has_steps else _RESTARTABLE):
+    restartable = (out / CHECKPOINTS).is_dir() and not checkpoint.step_dirs(out)  # stopped before a checkpoint
+    if not resume and output_occupied(out, _RESTARTABLE if restartable else ()):
         raise DistilkitError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")
     ckpt = checkpoint.resume_point(out, is_main=main) if resume else None
     if resume and ckpt is None and main:
@@ -464,7 +465,8 @@ def _setup(task: TrainTask, corpus: str | os.PathLike, out: Path, cfg: TrainConf
         checkpoint.check_resume(ckpt, state, identity)
     accelerator.wait_for_everyone()  # every rank has looked at OUT before anything is written to it
     if main:  # OUT/checkpoints exists from the start: a run killed before its first checkpoint is resumable too
-        checkpoint.drop_newer(ckpt, out)
+        if ckpt:
+            checkpoint.drop_newer(ckpt, out)
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         _truncate_metrics(out / METRICS, state.get("position", {}).get("step", 0))
     return _Run(task=task, cfg=cfg, out=out, accelerator=accelerator, precision=precision, blocks=blocks,
