@@ -145,7 +145,7 @@ def test_check_output_not_input(tmp_path):
     for out, relation in [(model, "is"), (tmp_path / "link", "is"), (model / "sub", "lies inside"), (tmp_path, "contains")]:
         with pytest.raises(DistilkitError, match=f"--out {relation} the input"):
             check_output_not_input(out, "minilm-hub-id", model)
-    check_output_not_input(tmp_path / "other", model, None, "not/a/path")
+    check_output_not_input(tmp_path / "other", model, None, "", "not/a/path")
     check_output_not_input(tmp_path / "model2", model)  # a sibling whose name starts alike
 
 

@@ -92,7 +92,7 @@ def check_output_not_input(out: str | os.PathLike, *inputs: str | os.PathLike | 
     (or replacing it with --overwrite) would destroy the input. Symlinks are resolved; hub ids are skipped."""
     target = Path(out).expanduser().resolve()
     for given in inputs:
-        if given is None or not Path(given).expanduser().exists():
+        if not given or not Path(given).expanduser().exists():  # None / "" (not the current folder) / hub ids
             continue
         source = Path(given).expanduser().resolve()
         if target == source or source in target.parents or target in source.parents:
