@@ -70,6 +70,7 @@ def test_checkpoint_records_the_run_identity_and_manifest(full_run, tiny_teacher
     assert inputs["teacher"] == summary["teacher_fingerprint"] and inputs["initial_model"] == summary["initial_fingerprint"]
     assert inputs["block_size"] == 32 and inputs["mixed_precision"] == "no" and inputs["world_size"] == 1
     assert inputs["architecture"]["model_type"] == "distilbert" and "lr" in inputs["trajectory_config"]
+    assert checkpoint.saved_inputs(full_run) == inputs and checkpoint.saved_inputs(full_run / "none") is None
 
 
 def test_resume_with_another_student_teacher_or_corpus_is_refused(

@@ -17,8 +17,9 @@ stops with a DistilkitError naming the broken file.
 A run may continue from a checkpoint only with the same inputs: teacher weights, initial weights of the
 trained model, corpus (`corpus_identity`), block size, resolved mixed precision, model architecture, number
 of processes and every config field that changes the trajectory (all but RESUMABLE_CHANGES). Otherwise
-`check_resume` raises `InputsChanged` (a DistilkitError: exit 2) naming each difference; `resume_mismatch`
-returns the same differences as a list, for callers (e.g. the pipeline) that decide themselves.
+`check_resume` raises `InputsChanged` (a DistilkitError: exit 2; `.changed` lists the differences) naming each
+difference; `resume_mismatch` returns the same differences as a list, and `saved_inputs` what a run in OUT
+started from, for callers (e.g. the pipeline) that decide themselves.
 """
 
 from __future__ import annotations
@@ -229,6 +230,13 @@ def check_resume(ckpt: Path, state: dict[str, Any], identity: dict[str, Any]) ->
 
 def load_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+
+
+def saved_inputs(out: str | os.PathLike) -> dict[str, Any] | None:
+    """The run identity (`run_identity`) recorded in OUT's newest complete checkpoint, None without one: lets a
+    caller (e.g. the pipeline) see what a run in OUT started from without loading any model."""
+    ckpt = latest_checkpoint(out)
+    return load_state(ckpt).get("inputs") if ckpt else None
 
 
 # =========================================================================== RNG

@@ -60,7 +60,10 @@ def clean_stale_temps(folder: str | os.PathLike, name: str | None = None) -> lis
         return []
     removed = [p for p in folder.iterdir() if is_stale_temp(p, name)]
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 
