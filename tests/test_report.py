@@ -31,9 +31,9 @@ MAJORITY = {"cola": 0.0, "mrpc": 74.8, "imdb": 50.0, "sst2": 50.9}  # as finetun
 
 def _results(task: str, scores: list[float], max_train: int | None = 200) -> dict:
     return {
-        "majority": {"prediction": 1, "metrics": {}, "score": MAJORITY[task]},
+        "majority": {"prediction": 1, "metrics": {}, "score": MAJORITY.get(task, 50.0)},
         "task": task,
-        "score_name": SCORE_NAMES[task],
+        "score_name": SCORE_NAMES.get(task, "acc x100"),
         "metric_names": ["accuracy"],
         "seeds": [{"seed": i + 1, "metrics": {"accuracy": s / 100}, "score": s} for i, s in enumerate(scores)],
         "score": {"median": statistics.median(scores), "min": min(scores), "max": max(scores), "n": len(scores)},
@@ -234,7 +234,53 @@ def test_malformed_results_is_a_one_line_error(run_dir, capsys):
     bad.write_text(json.dumps(_results("cola", [1.0])))
     with pytest.raises(DistilkitError, match="expected task 'mrpc'"):
         build_report(run_dir)
+    bad.write_text(json.dumps({**_results("mrpc", [1.0]), "majority": {"score": "74.8"}}))
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad}: expected 'majority': an object with a finite number 'score'" in err
     assert not (run_dir / "report.md").exists()
+
+
+def test_nine_glue_tasks_give_the_glue_macro_beside_the_papers(tmp_path):
+    """All nine GLUE tasks run: the GLUE macro is over exactly those nine (IMDb apart), beside 79.5 / 77.0."""
+    glue = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"]
+    for role, base in (("teacher", 80.0), ("student", 70.0)):
+        for i, task in enumerate(glue + ["imdb"]):
+            d = tmp_path / "finetune" / role / task
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(_results(task, [base + i, base + i + 2.0])))
+    rep = write_report(tmp_path)
+    macro = rep["macro"]
+    assert macro["tasks"] == glue and macro["not_averaged"] == ["imdb"]
+    assert macro["teacher"] == pytest.approx(80.0 + 1.0 + 4.0) and macro["student"] == pytest.approx(70.0 + 1.0 + 4.0)
+    assert macro["paper_same_tasks"]["BERT-base"] == pytest.approx(79.5)  # the paper's own 9-task score
+    assert macro["paper_same_tasks"]["DistilBERT"] == pytest.approx(77.0, abs=0.05)
+    maj = sum(MAJORITY.get(t, 50.0) for t in glue) / 9
+    assert macro["headroom_retention_pct"] == pytest.approx(100 * (75.0 - maj) / (85.0 - maj))
+    md = (tmp_path / "report.md").read_text()
+    assert "| **GLUE macro** (all 9 tasks) | mean | **85.0** | **75.0** | **88.2%** |" in md
+    assert "| 79.5 | 77.0 | 96.9% |" in md  # the paper's row, printed as published
+
+
+def test_results_without_majority_leave_headroom_undefined(run_dir):
+    """results.json written before the majority class was recorded: retention as before, headroom None."""
+    for path in (run_dir / "finetune").glob("*/mrpc/results.json"):
+        res = json.loads(path.read_text())
+        del res["majority"]
+        path.write_text(json.dumps(res))
+    rep = build_report(run_dir)
+    mrpc, macro = rep["tasks"]["mrpc"], rep["macro"]
+    assert mrpc["majority"] is None and mrpc["headroom_retention_pct"] is None
+    assert mrpc["retention_pct"] == pytest.approx(100 * 81.0 / 85.0)
+    assert macro["majority"] is None and macro["headroom_retention_pct"] is None and macro["retention_pct"] is not None
+    assert rep["tasks"]["cola"]["headroom_retention_pct"] == pytest.approx(100 * 33.0 / 42.0)
+    assert any("macro headroom retention undefined" in n for n in rep["notes"])
+    # a teacher at or below the majority class: no headroom to keep, and the report says so
+    path = run_dir / "finetune" / "teacher" / "cola" / "results.json"
+    path.write_text(json.dumps({**_results("cola", [0.0, -1.0, 0.0])}))
+    rep = build_report(run_dir)
+    assert rep["tasks"]["cola"]["headroom_retention_pct"] is None
+    assert any("cola: the teacher (0.0) does not beat the majority class (0.0)" in n for n in rep["notes"])
 
 
 def test_report_cli_and_paper_source(run_dir, tmp_path, capsys):
