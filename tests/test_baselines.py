@@ -98,10 +98,7 @@ def test_baseline_variants():
 PRESET = """
 teacher: {teacher}
 student: {{layers: [0, 2]}}
-corpus:
-  train: [wikitext/wikitext-2-raw/wiki.train.raw.gz]
-  heldout: [wikitext/wikitext-2-raw/wiki.valid.raw.gz]
-  block_size: 32
+corpus: {{block_size: 32}}  # the default WikiText-2 train / valid files of write_tiny_data
 distill: {{steps: 6, batch_size: 4, save_every: 3, eval_batches: 2}}
 finetune:
   tasks: [mrpc]
