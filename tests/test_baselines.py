@@ -153,6 +153,13 @@ def test_reproduce_builds_finetunes_and_reports_the_baselines(tmp_path, tiny_tea
 
     again = reproduce(str(preset), str(data), str(run))
     assert all(st["status"] == "skipped" for st in again)
+    # a baseline taken out of the preset: its old scores leave the run and the report
+    fewer = reproduce(str(preset), str(data), str(run), overrides=["finetune.baselines=[no_kd]"])
+    assert {st["stage"]: st["status"] for st in fewer}["finetune"] == "done"
+    assert not (run / "finetune" / "cut_only").exists() or not any((run / "finetune" / "cut_only").iterdir())
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["tasks"]["mrpc"]["cut_only"] is None and rep["tasks"]["mrpc"]["no_kd"]["n"] == 2
+    assert "cut_only" not in rep["variants"] and "cut_only" not in json.loads((run / "variants.json").read_text())
 
     # a bad baseline name stops before anything runs: one line, exit 2
     capsys.readouterr()

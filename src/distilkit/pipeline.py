@@ -416,6 +416,11 @@ class Pipeline:
         jobs += [("student", t, task_seeds(t)) for t in f.tasks]
         for v in self.cfg.variants + baseline_variants(self.cfg):  # baselines: every task, the student's seeds
             jobs += [(v.name, t, v.seeds or task_seeds(t)) for t in (v.tasks or f.tasks)]
+        wanted = {(m, t) for m, t, _ in jobs}
+        for old in (self.run / "finetune").glob("*/*/results.json"):  # a model or task no longer configured:
+            if (old.parent.parent.name, old.parent.name) not in wanted:  # its old scores must not reach the report
+                shutil.rmtree(old.parent)
+                self.stamps.path(f"finetune-{old.parent.parent.name}-{old.parent.name}").unlink(missing_ok=True)
         for model_name, task, seeds in jobs:
             fields = {**f.common, **(f.per_task.get(task) or {}), "seeds": seeds}
             sub = f"finetune-{model_name}-{task}"
