@@ -177,6 +177,7 @@ def test_report_markdown_rows_and_png(run_dir):
     lines = md.splitlines()
     imdb = next(i for i, line in enumerate(lines) if line.startswith("| imdb (Table 2, not in the GLUE macro) |"))
     assert lines[imdb - 1].startswith("| paper GLUE macro (9 tasks) |")
+    assert "**Without distillation** (GLUE macro, same tasks and seeds): no-KD 54.2, cut-only 45.0, against the distilled student's 57.0" in md
     assert f"**Headroom retention {headroom:.1f}%:**" in md and "**imdb** (paper Table 2, not in the GLUE macro)" in md
     # the baselines: one row per model, and a verdict per task
     assert "## Baselines: what distillation has to beat" in md
