@@ -525,7 +525,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
             sub += f" (student: {_subset_cell(e['student'])})"
         elif e["teacher"] is None:
             sub = _subset_cell(e["student"])
-        name = task if e["glue"] else f"{task} (Table 2, not in the GLUE macro)" if task == "imdb" else f"{task} (not GLUE)"
+        name = (task if e["glue"] else f"{task} (Table 2, not in the GLUE macro)" if task == "imdb"
+                else f"{task} (not GLUE)")
         return [name, e["score_name"] or "", _score_cell(e["teacher"]), _score_cell(e["student"]),
                 _f(e["retention_pct"], 1, "%"), _f(e["majority"]), _f(e["headroom_retention_pct"], 1, "%"),
                 _p(p["BERT-base"]), _p(p["DistilBERT"]), _f(p["retention_pct"], 1, "%"), sub]
@@ -534,7 +535,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
     if macro["tasks"]:
         ps = macro["paper_same_tasks"]
         n = len(macro["tasks"])
-        label = "**GLUE macro** (all 9 tasks)" if n == len(macro["glue_tasks"]) else f"**GLUE macro** ({n} of 9 tasks; paper: same tasks)"
+        label = ("**GLUE macro** (all 9 tasks)" if n == len(macro["glue_tasks"])
+                 else f"**GLUE macro** ({n} of 9 tasks; paper: same tasks)")
         rows.append([label, "mean", f"**{_f(macro['teacher'])}**", f"**{_f(macro['student'])}**",
                      f"**{_f(macro['retention_pct'], 1, '%')}**", _f(macro["majority"]),
                      f"**{_f(macro['headroom_retention_pct'], 1, '%')}**",
@@ -678,7 +680,8 @@ def render_chart(rep: dict[str, Any]) -> bytes:
     roles = ["teacher", "student"] + [r for r in BASELINES if any(e.get(r) for e in entries.values())]
 
     def column(key: str) -> list[float | None]:  # per label: a model's median (or the majority score)
-        per_task = [entries[t].get(key) if key == "majority" else (entries[t].get(key) or {}).get("median") for t in tasks]
+        per_task = [entries[t].get(key) if key == "majority" else (entries[t].get(key) or {}).get("median")
+                    for t in tasks]
         return per_task[:len(glue)] + ([macro.get(key)] if macro["tasks"] else []) + per_task[len(glue):]
 
     vals = {role: column(role) for role in roles}
@@ -688,7 +691,8 @@ def render_chart(rep: dict[str, Any]) -> bytes:
 
     abl = [a for a in rep.get("ablations", []) if a["delta"] is not None]
     ratios = [max(len(labels), 2)] + ([2.2] if b else []) + ([3.2] if abl else [])
-    width = 7.5 + 1.0 * (len(roles) - 2) + (3.5 if b else 0.0) + (5.0 if abl else 0.0)  # inches: tasks, size/speed, ablations
+    # inches: the tasks panel (one more per baseline student), size/speed, ablations
+    width = 7.5 + 1.0 * (len(roles) - 2) + (3.5 if b else 0.0) + (5.0 if abl else 0.0)
     fig = Figure(figsize=(width, 4.6), layout="constrained")
     axes = list(fig.subplots(1, len(ratios), width_ratios=ratios)) if len(ratios) > 1 else [fig.subplots()]
     ax = axes[0]
