@@ -200,6 +200,12 @@ def test_report_markdown_rows_and_png(run_dir):
     width = int.from_bytes(png[16:20], "big")  # IHDR: the ablation panel makes the chart wider
     no_abl = render_chart({**rep, "ablations": []})
     assert width > int.from_bytes(no_abl[16:20], "big")
+    # the majority floor and the baseline bars are drawn: without them the chart is another picture, narrower
+    no_floor = {**rep, "macro": {**rep["macro"], "majority": None},
+                "tasks": {t: {**e, "majority": None} for t, e in rep["tasks"].items()}}
+    assert render_chart(no_floor) != png
+    no_base = {**rep, "tasks": {t: {**e, "no_kd": None, "cut_only": None} for t, e in rep["tasks"].items()}}
+    assert int.from_bytes(render_chart(no_base)[16:20], "big") < width
     assert (run_dir / "report.png").stat().st_mode == (run_dir / "report.md").stat().st_mode
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
