@@ -1,5 +1,6 @@
-"""Report: values in report.json equal hand-computed medians / retention / macro / ablation deltas,
-report.md holds the table rows, report.png is a PNG, missing pieces are said, malformed input exits 2."""
+"""Report: values in report.json equal hand-computed medians / retention / headroom / GLUE macro /
+baseline verdicts / ablation deltas, report.md holds the table rows, report.png is a PNG, missing
+pieces are said, malformed input exits 2."""
 
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ SCORES = {
     "student": {"cola": [30.0, 36.0, 33.0], "mrpc": [80.0, 82.0, 81.0], "imdb": [86.0, 87.0, 85.0]},
     "no_ce": {"cola": [20.0, 26.0], "mrpc": [79.0, 75.0]},
     "random_init": {"cola": [0.0], "mrpc": [70.0], "imdb": [60.0]},
+    "no_kd": {"cola": [25.0, 29.0, 27.0], "mrpc": [80.5, 83.0, 81.5], "imdb": [84.0, 85.0, 86.0]},
+    "cut_only": {"cola": [10.0, 12.0, 14.0], "mrpc": [78.0, 79.0, 77.0], "imdb": [80.0]},
 }
 SCORE_NAMES = {"cola": "mcc x100", "mrpc": "mean(f1, acc) x100", "imdb": "acc x100", "sst2": "acc x100"}
+MAJORITY = {"cola": 0.0, "mrpc": 74.8, "imdb": 50.0, "sst2": 50.9}  # as finetune records it in results.json
 
 
 def _results(task: str, scores: list[float], max_train: int | None = 200) -> dict:
     return {
+        "majority": {"prediction": 1, "metrics": {}, "score": MAJORITY.get(task, 50.0)},
         "task": task,
-        "score_name": SCORE_NAMES[task],
+        "score_name": SCORE_NAMES.get(task, "acc x100"),
         "metric_names": ["accuracy"],
         "seeds": [{"seed": i + 1, "metrics": {"accuracy": s / 100}, "score": s} for i, s in enumerate(scores)],
         "score": {"median": statistics.median(scores), "min": min(scores), "max": max(scores), "n": len(scores)},
@@ -103,19 +108,39 @@ def test_report_values_equal_hand_computed(run_dir):
     assert data["tasks"]["sst2"]["student"] is None and data["tasks"]["sst2"]["retention_pct"] is None
     assert cola["teacher"]["subset"]["max_train"] == 200 and cola["teacher"]["subset"]["n_eval"] == 100
 
-    # macro over the tasks both have (sst2 has no student), and the paper's over the same tasks
+    # GLUE macro over the GLUE tasks both have (sst2 has no student; IMDb is not GLUE), the paper's over the same
     macro = data["macro"]
-    assert macro["tasks"] == ["cola", "mrpc", "imdb"]
-    t_macro, s_macro = (42.0 + 85.0 + 89.0) / 3, (33.0 + 81.0 + 86.0) / 3
+    assert macro["tasks"] == ["cola", "mrpc"] and macro["not_averaged"] == ["imdb"]
+    t_macro, s_macro = (42.0 + 85.0) / 2, (33.0 + 81.0) / 2
     assert macro["teacher"] == pytest.approx(t_macro) and macro["student"] == pytest.approx(s_macro)
     assert macro["retention_pct"] == pytest.approx(100 * s_macro / t_macro)
-    pb, pd = (56.3 + 88.6 + 93.46) / 3, (51.3 + 87.5 + 92.82) / 3
+    pb, pd = (56.3 + 88.6) / 2, (51.3 + 87.5) / 2
     assert macro["paper_same_tasks"]["BERT-base"] == pytest.approx(pb)
     assert macro["paper_same_tasks"]["retention_pct"] == pytest.approx(100 * pd / pb)
     assert macro["paper_published"]["BERT-base"] == 79.5 and macro["paper_published"]["DistilBERT"] == 77.0
 
-    # ablations: each variant vs the student on the tasks the variant has
+    # majority class, headroom retention = 100 (student - majority) / (teacher - majority), per task and macro
+    assert cola["majority"] == 0.0 and cola["headroom_retention_pct"] == pytest.approx(100 * 33.0 / 42.0)
+    mrpc = data["tasks"]["mrpc"]
+    assert mrpc["headroom_retention_pct"] == pytest.approx(100 * (81.0 - 74.8) / (85.0 - 74.8))
+    assert data["tasks"]["imdb"]["headroom_retention_pct"] == pytest.approx(100 * (86.0 - 50.0) / (89.0 - 50.0))
+    assert macro["majority"] == pytest.approx(74.8 / 2)
+    assert macro["headroom_retention_pct"] == pytest.approx(100 * (s_macro - 74.8 / 2) / (t_macro - 74.8 / 2))
+
+    # the students without distillation: same shape as the student, GLUE macro, verdicts on the seed ranges
+    assert cola["no_kd"]["median"] == 27.0 and cola["no_kd"]["scores"] == [25.0, 29.0, 27.0]
+    assert cola["cut_only"]["seeds"] == [1, 2, 3] and cola["cut_only"]["subset"]["n_train"] == 200
+    assert macro["no_kd"] == pytest.approx((27.0 + 81.5) / 2) and macro["cut_only"] == pytest.approx((12.0 + 78.0) / 2)
+    verdicts = {t: {b: c["verdict"] for b, c in e["vs_baselines"].items()} for t, e in data["tasks"].items()}
+    assert verdicts["cola"] == {"no_kd": "beats", "cut_only": "beats"}  # student min 30 > 29 and > 14
+    assert verdicts["mrpc"] == {"no_kd": "overlap", "cut_only": "beats"}  # 80-82 vs 80.5-83; 80 > 79
+    assert verdicts["imdb"] == {"no_kd": "overlap", "cut_only": "one_seed"}
+    assert verdicts["sst2"] == {}
+    assert cola["vs_baselines"]["no_kd"]["delta_median"] == pytest.approx(6.0)
+
+    # ablations: each variant vs the student on the tasks the variant has; the baselines are not ablations
     abl = {a["variant"]: a for a in data["ablations"]}
+    assert set(abl) == {"no_ce", "random_init"}
     no_ce = abl["no_ce"]
     assert no_ce["tasks"] == ["cola", "mrpc"]
     assert no_ce["macro"] == pytest.approx((23.0 + 77.0) / 2)
@@ -142,9 +167,26 @@ def test_report_values_equal_hand_computed(run_dir):
 def test_report_markdown_rows_and_png(run_dir):
     write_report(run_dir)
     md = (run_dir / "report.md").read_text()
-    assert "| cola | mcc x100 | 42.0 (40.0–44.0, n=3) | 33.0 (30.0–36.0, n=3) | 78.6% | 56.3 | 51.3 | 91.1% | train 200 of 1000, eval 100 of 500 |" in md
-    assert "| sst2 | acc x100 | 90.0 (n=1) | — | — |" in md
-    assert f"| **{(42.0 + 85.0 + 89.0) / 3:.1f}** | **{(33.0 + 81.0 + 86.0) / 3:.1f}** |" in md
+    assert ("| cola | mcc x100 | 42.0 (40.0–44.0, n=3) | 33.0 (30.0–36.0, n=3) | 78.6% | 0.0 | 78.6% | 56.3 | 51.3 "
+            "| 91.1% | train 200 of 1000, eval 100 of 500 |") in md
+    assert "| mrpc | mean(f1, acc) x100 | 85.0 (84.0–86.0, n=3) | 81.0 (80.0–82.0, n=3) | 95.3% | 74.8 | 60.8% |" in md
+    assert "| sst2 | acc x100 | 90.0 (n=1) | — | — | 50.9 | — |" in md
+    headroom = 100 * (57.0 - 37.4) / (63.5 - 37.4)
+    assert f"| **GLUE macro** (2 of 9 tasks; paper: same tasks) | mean | **63.5** | **57.0** | **89.8%** | 37.4 | **{headroom:.1f}%** |" in md
+    # IMDb on its own line, after the GLUE macro rows
+    lines = md.splitlines()
+    imdb = next(i for i, line in enumerate(lines) if line.startswith("| imdb (Table 2, not in the GLUE macro) |"))
+    assert lines[imdb - 1].startswith("| paper GLUE macro (9 tasks) |")
+    assert "**Without distillation** (GLUE macro, same tasks and seeds): no-KD 54.2, cut-only 45.0, against the distilled student's 57.0" in md
+    assert f"**Headroom retention {headroom:.1f}%:**" in md and "**imdb** (paper Table 2, not in the GLUE macro)" in md
+    # the baselines: one row per model, and a verdict per task
+    assert "## Baselines: what distillation has to beat" in md
+    assert ("| no-KD (same initial student and tokens, masked-LM loss only) | 27.0 (25.0–29.0, n=3) | 81.5 (80.5–83.0, n=3) "
+            "| — | 85.0 (84.0–86.0, n=3) | 54.2 |") in md
+    assert "| majority class | 0.0 | 74.8 | 50.9 | 50.0 | 37.4 |" in md
+    assert "- cola: the distilled student beats no-KD outside the seed spread (+6.0); beats cut-only outside" in md
+    assert "- mrpc: the distilled student shows no measurable difference from no-KD (seed ranges overlap; -0.5);" in md
+    assert "; is above cut-only by 6.0 with one seed (spread not measured)." in md
     assert "| without L_ce | `no_ce` | cola, mrpc | 50.0 | 57.0 | -7.00 | -2.96 |" in md
     assert "| teacher | `minilm` | 6 | 22.7M | — | 10.00 (9.00–12.00) | 100.0 | BERT-base: 110M | 668 s |" in md
     assert "speedup 2.00x" in md and "speedup 1.63x" in md
@@ -158,6 +200,12 @@ def test_report_markdown_rows_and_png(run_dir):
     width = int.from_bytes(png[16:20], "big")  # IHDR: the ablation panel makes the chart wider
     no_abl = render_chart({**rep, "ablations": []})
     assert width > int.from_bytes(no_abl[16:20], "big")
+    # the majority floor and the baseline bars are drawn: without them the chart is another picture, narrower
+    no_floor = {**rep, "macro": {**rep["macro"], "majority": None},
+                "tasks": {t: {**e, "majority": None} for t, e in rep["tasks"].items()}}
+    assert render_chart(no_floor) != png
+    no_base = {**rep, "tasks": {t: {**e, "no_kd": None, "cut_only": None} for t, e in rep["tasks"].items()}}
+    assert int.from_bytes(render_chart(no_base)[16:20], "big") < width
     assert (run_dir / "report.png").stat().st_mode == (run_dir / "report.md").stat().st_mode
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -193,7 +241,53 @@ def test_malformed_results_is_a_one_line_error(run_dir, capsys):
     bad.write_text(json.dumps(_results("cola", [1.0])))
     with pytest.raises(DistilkitError, match="expected task 'mrpc'"):
         build_report(run_dir)
+    bad.write_text(json.dumps({**_results("mrpc", [1.0]), "majority": {"score": "74.8"}}))
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad}: expected 'majority': an object with a finite number 'score'" in err
     assert not (run_dir / "report.md").exists()
+
+
+def test_nine_glue_tasks_give_the_glue_macro_beside_the_papers(tmp_path):
+    """All nine GLUE tasks run: the GLUE macro is over exactly those nine (IMDb apart), beside 79.5 / 77.0."""
+    glue = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"]
+    for role, base in (("teacher", 80.0), ("student", 70.0)):
+        for i, task in enumerate(glue + ["imdb"]):
+            d = tmp_path / "finetune" / role / task
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(_results(task, [base + i, base + i + 2.0])))
+    rep = write_report(tmp_path)
+    macro = rep["macro"]
+    assert macro["tasks"] == glue and macro["not_averaged"] == ["imdb"]
+    assert macro["teacher"] == pytest.approx(80.0 + 1.0 + 4.0) and macro["student"] == pytest.approx(70.0 + 1.0 + 4.0)
+    assert macro["paper_same_tasks"]["BERT-base"] == pytest.approx(79.5)  # the paper's own 9-task score
+    assert macro["paper_same_tasks"]["DistilBERT"] == pytest.approx(77.0, abs=0.05)
+    maj = sum(MAJORITY.get(t, 50.0) for t in glue) / 9
+    assert macro["headroom_retention_pct"] == pytest.approx(100 * (75.0 - maj) / (85.0 - maj))
+    md = (tmp_path / "report.md").read_text()
+    assert "| **GLUE macro** (all 9 tasks) | mean | **85.0** | **75.0** | **88.2%** |" in md
+    assert "| 79.5 | 77.0 | 96.9% |" in md  # the paper's row, printed as published
+
+
+def test_results_without_majority_leave_headroom_undefined(run_dir):
+    """results.json written before the majority class was recorded: retention as before, headroom None."""
+    for path in (run_dir / "finetune").glob("*/mrpc/results.json"):
+        res = json.loads(path.read_text())
+        del res["majority"]
+        path.write_text(json.dumps(res))
+    rep = build_report(run_dir)
+    mrpc, macro = rep["tasks"]["mrpc"], rep["macro"]
+    assert mrpc["majority"] is None and mrpc["headroom_retention_pct"] is None
+    assert mrpc["retention_pct"] == pytest.approx(100 * 81.0 / 85.0)
+    assert macro["majority"] is None and macro["headroom_retention_pct"] is None and macro["retention_pct"] is not None
+    assert rep["tasks"]["cola"]["headroom_retention_pct"] == pytest.approx(100 * 33.0 / 42.0)
+    assert any("macro headroom retention undefined" in n for n in rep["notes"])
+    # a teacher at or below the majority class: no headroom to keep, and the report says so
+    path = run_dir / "finetune" / "teacher" / "cola" / "results.json"
+    path.write_text(json.dumps({**_results("cola", [0.0, -1.0, 0.0])}))
+    rep = build_report(run_dir)
+    assert rep["tasks"]["cola"]["headroom_retention_pct"] is None
+    assert any("cola: the teacher (0.0) does not beat the majority class (0.0)" in n for n in rep["notes"])
 
 
 def test_report_cli_and_paper_source(run_dir, tmp_path, capsys):

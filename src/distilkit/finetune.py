@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .baselines import majority_baseline
 from .config import FinetuneConfig, to_dict
 from .distill import param_groups
 from .losses import kl_distill
@@ -468,6 +469,7 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
             "distill_from_fingerprint": checkpoint_fingerprint(teacher_path) if teacher_path else None,
             "saved_models": saved,
             "data": data,
+            "majority": majority_baseline(t, [train_examples[i] for i in train_idx], [eval_examples[i] for i in eval_idx]),
             "device": str(accelerator.device),
             "wall_s": time.perf_counter() - wall_start,
             **provenance(),

@@ -251,13 +251,15 @@ class Pipeline:
         self.log(f"[reproduce] {name:<9} {status:<8} {seconds:8.1f}s  {detail}".rstrip())
 
     def _stage_config(self, name: str) -> Any:
+        from .baselines import baseline_variants  # built like the ablation variants: part of their stage's key
+
         c = self.cfg
         return {
             "corpus": {"teacher": c.teacher, **to_dict(c.corpus)},
             "adapt": {"mode": c.adapt, "config": c.adapt_config},
             "student": to_dict(c.student),
             "distill": c.distill,
-            "variants": [to_dict(v) for v in c.variants],
+            "variants": [to_dict(v) for v in c.variants + baseline_variants(c)],
             "finetune": to_dict(c.finetune),
             "export": to_dict(c.export),
             "bench": to_dict(c.bench),
@@ -363,10 +365,12 @@ class Pipeline:
 
     def stage_variants(self, key: str) -> dict:
         """Ablation students: each distilled (or not) with its own loss settings and initialisation."""
+        from .baselines import baseline_variants
         from .student import init_student
 
         done = []
-        for v in self.cfg.variants:
+        variants = self.cfg.variants + baseline_variants(self.cfg)  # ablation students, then the baselines
+        for v in variants:
             if not v.name or v.name in ("teacher", "student"):
                 raise DistilkitError(f"variants: each needs a unique name other than teacher/student, got '{v.name}'")
             vdir = self.run / "variants" / v.name
@@ -394,12 +398,13 @@ class Pipeline:
             return {}
         atomic_write_json(self.run / "variants.json", {
             v.name: {"label": v.label or v.name, "paper_key": v.paper_key, "init": v.init, "distill": v.distill}
-            for v in self.cfg.variants
+            for v in variants
         })
-        return {"variants": [v.name for v in self.cfg.variants], "note": f"{len(done)} variant(s) built"}
+        return {"variants": [v.name for v in variants], "note": f"{len(done)} variant(s) built"}
 
     def stage_finetune(self, key: str) -> dict:
         """Fine-tune each model on each task; each (model, task) pair is stamped so a restart resumes."""
+        from .baselines import baseline_variants
         from .config import FinetuneConfig
         from .finetune import finetune
 
@@ -409,8 +414,13 @@ class Pipeline:
 
         jobs: list[tuple[str, str, list[int]]] = [("teacher", t, task_seeds(t)) for t in f.tasks if f.teacher]
         jobs += [("student", t, task_seeds(t)) for t in f.tasks]
-        for v in self.cfg.variants:
+        for v in self.cfg.variants + baseline_variants(self.cfg):  # baselines: every task, the student's seeds
             jobs += [(v.name, t, v.seeds or task_seeds(t)) for t in (v.tasks or f.tasks)]
+        wanted = {(m, t) for m, t, _ in jobs}
+        for old in (self.run / "finetune").glob("*/*/results.json"):  # a model or task no longer configured:
+            if (old.parent.parent.name, old.parent.name) not in wanted:  # its old scores must not reach the report
+                shutil.rmtree(old.parent)
+                self.stamps.path(f"finetune-{old.parent.parent.name}-{old.parent.name}").unlink(missing_ok=True)
         for model_name, task, seeds in jobs:
             fields = {**f.common, **(f.per_task.get(task) or {}), "seeds": seeds}
             sub = f"finetune-{model_name}-{task}"

@@ -3,15 +3,19 @@
 Reads what the pipeline leaves in RUN_DIR (all optional except at least one result):
 
     run.json                               command, preset, config, seeds, data checksums, provenance
-    finetune/<variant>/<task>/results.json per-seed scores ("teacher", "student", ablation variants)
+    finetune/<variant>/<task>/results.json per-seed scores ("teacher", "student", the baselines "no_kd" and
+                                           "cut_only", ablation variants) and the majority-class score
     bench/bench.json                       parameters and inference time (`distilkit bench`)
     distill/eval.json                      masked-LM accuracy / perplexity before and after distillation
     variants.json                          {"<variant>": {"label": ..., "paper_key": ...}}
 
 and writes RUN_DIR/report.md, report.json (the same content as data) and report.png (a chart), each
-atomically. Scores are medians over seeds on the paper's scale (x100); retention = student / teacher.
-The macro score is the mean over the tasks that both teacher and student have; the paper's macro is
-shown both over the same tasks and as published (9 GLUE tasks).
+atomically. Scores are medians over seeds on the paper's scale (x100); retention = student / teacher;
+headroom retention = (student - majority) / (teacher - majority) (see baselines.py). The macro score is
+the mean over the GLUE tasks that both teacher and student have (IMDb, the paper's Table 2, and other
+non-GLUE tasks get their own lines); the paper's macro is shown both over the same tasks and as
+published (9 GLUE tasks). The baseline students are compared with the distilled one per task, on
+their seed ranges, and are not listed as ablations.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .baselines import BASELINES, compare_seeds, headroom_retention, verdict_text
 from .utils import DistilkitError, atomic_write_json, atomic_write_text, fail_at, provenance
 
 #: The paper's numbers, bundled (public data from arXiv:1910.01108 v4).
@@ -32,6 +37,8 @@ PAPER_FILE = Path(__file__).with_name("paper_tables.json")
 #: Table 1 task order, then IMDb (Table 2); other tasks follow alphabetically.
 TASK_ORDER = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli", "imdb"]
 CORE = ("teacher", "student")
+#: How the baseline students (`baselines.BASELINES`) are named in report.md.
+BASELINE_NAMES = {"no_kd": "no-KD", "cut_only": "cut-only"}
 
 # =========================================================================== reading inputs
 
@@ -104,10 +111,14 @@ def read_results(path: Path, task: str) -> dict[str, Any]:
         values = [s.get("metrics", {}).get(name) for s in seeds]
         if values and all(_is_num(v) for v in values):
             metrics[name] = statistics.median(values)
+    majority = res.get("majority")
+    if majority is not None and not (isinstance(majority, dict) and _is_num(majority.get("score"))):
+        raise fail_at(path, None, "expected 'majority': an object with a finite number 'score'")
     config = res.get("config") if isinstance(res.get("config"), dict) else {}
     data = res.get("data") if isinstance(res.get("data"), dict) else {}
     return {
         **summary,
+        "majority": majority["score"] if majority else None,
         "scores": scores,
         "seeds": [s.get("seed") for s in seeds],
         "score_name": res.get("score_name"),
@@ -161,6 +172,21 @@ def _optional_json(path: Path, required: dict[str, type]) -> dict | None:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _mean_all(values: list[float | None]) -> float | None:
+    """The mean when every value is known, else None."""
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+def _majority(task: str, summaries: list[dict | None], notes: list[str]) -> float | None:
+    """The task's majority-class score as recorded in its results.json files (the first model's that has
+    one: student, teacher, baselines); a note when the models were scored on different eval sets."""
+    found = [r["majority"] for r in summaries if r is not None and r["majority"] is not None]
+    if found and max(found) - min(found) > 1e-6:
+        notes.append(f"{task}: majority-class scores differ between models ({min(found):.1f}-{max(found):.1f}): "
+                     "they were evaluated on different subsets")
+    return found[0] if found else None
 
 
 def _retention(student: float | None, teacher: float | None) -> float | None:
@@ -225,21 +251,32 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
     notes: list[str] = []
     pscores = paper_scores(paper)
 
-    # --- Table 1/2: teacher vs student per task.
+    # --- Table 1/2: teacher vs student per task, beside the majority class and the baseline students.
     teacher, student = results.get("teacher", {}), results.get("student", {})
     all_tasks = sorted({t for r in results.values() for t in r}, key=_task_key)
     core_tasks = sorted(set(teacher) | set(student), key=_task_key)
+    glue = [t for t in paper["table1_glue_dev"]["tasks"] if t != "score"]
     tasks: dict[str, dict] = {}
     for task in core_tasks:
         t, s = teacher.get(task), student.get(task)
         pb, pd = pscores["BERT-base"].get(task), pscores["DistilBERT"].get(task)
+        base = {b: results.get(b, {}).get(task) for b in BASELINES}
+        majority = _majority(task, [s, t, *base.values()], notes)
         tasks[task] = {
             "score_name": (t or s)["score_name"],
+            "glue": task in glue,
             "teacher": t,
             "student": s,
+            **base,
+            "majority": majority,
             "retention_pct": _retention(s and s["median"], t and t["median"]),
+            "headroom_retention_pct": headroom_retention(s and s["median"], t and t["median"], majority),
+            "vs_baselines": {b: compare_seeds(s, r) for b, r in base.items() if r is not None},
             "paper": {"BERT-base": pb, "DistilBERT": pd, "retention_pct": _retention(pd, pb)},
         }
+        if t and majority is not None and t["median"] <= majority:
+            notes.append(f"{task}: the teacher ({t['median']:.1f}) does not beat the majority class ({majority:.1f}); "
+                         "headroom retention undefined")
         for role, r in (("teacher", t), ("student", s)):
             if r is None:
                 notes.append(f"{task}: no {role} results; left out of the macro score")
@@ -255,10 +292,12 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
         if pb is None:
             notes.append(f"{task}: not in the paper's tables")
 
-    # --- Macro score over the tasks both have, and the paper's over the same tasks.
-    common = [t for t in core_tasks if teacher.get(t) and student.get(t)]
+    # --- GLUE macro score over the GLUE tasks both have, and the paper's over the same tasks. Other tasks
+    # (IMDb: the paper's Table 2) are reported on their own lines, not averaged in.
+    common = [t for t in core_tasks if teacher.get(t) and student.get(t) and t in glue]
     t_macro = _mean([teacher[t]["median"] for t in common])
     s_macro = _mean([student[t]["median"] for t in common])
+    m_macro = _mean_all([tasks[t]["majority"] for t in common])
     paper_common = [t for t in common if pscores["BERT-base"].get(t) is not None and pscores["DistilBERT"].get(t) is not None]
     pb_macro = _mean([pscores["BERT-base"][t] for t in paper_common])
     pd_macro = _mean([pscores["DistilBERT"][t] for t in paper_common])
@@ -266,10 +305,16 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
     pub = {m: t1[m][t1["tasks"].index("score")] for m in ("BERT-base", "DistilBERT")} if "score" in t1["tasks"] else {}
     claims = paper.get("headline_claims", {})
     macro = {
+        "scope": "glue",
         "tasks": common,
+        "glue_tasks": glue,
+        "not_averaged": [t for t in core_tasks if t not in glue],
         "teacher": t_macro,
         "student": s_macro,
+        **{b: _mean_all([(results.get(b, {}).get(t) or {}).get("median") for t in common]) for b in BASELINES},
+        "majority": m_macro,
         "retention_pct": _retention(s_macro, t_macro),
+        "headroom_retention_pct": headroom_retention(s_macro, t_macro, m_macro),
         "paper_same_tasks": {"tasks": paper_common, "BERT-base": pb_macro, "DistilBERT": pd_macro,
                              "retention_pct": _retention(pd_macro, pb_macro)},
         "paper_published": {**pub, "retention_pct": _retention(pub.get("DistilBERT"), pub.get("BERT-base")),
@@ -278,13 +323,19 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
     }
     if "seed_reproduction" in paper:
         macro["seed_reproduction"] = paper["seed_reproduction"]
+    for task in macro["not_averaged"]:
+        notes.append(f"{task}: reported on its own line, not in the GLUE macro score"
+                     + (" (the paper's Table 2)" if task == "imdb" else ""))
+    if common and m_macro is None:
+        notes.append("no majority-class score for some GLUE task (results.json written before distilkit recorded "
+                     "it): macro headroom retention undefined")
     if not results:
         notes.append("no fine-tuning results (finetune/<variant>/<task>/results.json)")
 
     # --- Table 4: ablations, each against the full-loss student on the same tasks.
     t4 = paper["table4_ablation_delta_macro"]
     ablations = []
-    for variant in sorted(v for v in results if v not in CORE):
+    for variant in sorted(v for v in results if v not in CORE and v not in BASELINES):
         meta = variants_meta.get(variant) if isinstance(variants_meta.get(variant), dict) else {}
         same = [t for t in sorted(results[variant], key=_task_key) if student.get(t)]
         v_macro = _mean([results[variant][t]["median"] for t in same])
@@ -401,13 +452,60 @@ def _millions(x: float | None) -> str:
     return "—" if x is None else f"{x / 1e6:.1f}M"
 
 
+def _baselines_section(rep: dict[str, Any]) -> list[str]:
+    """Markdown: the distilled student beside the no-KD and cut-only students and the majority class, per
+    task and GLUE macro, and per task whether distillation beat each baseline outside the seed spread."""
+    tasks, macro = rep["tasks"], rep["macro"]
+    if not tasks:
+        return []
+    present = [b for b in BASELINES if any(e[b] for e in tasks.values())]
+    L = ["## Baselines: what distillation has to beat", ""]
+    if not present:
+        L += ["No students without distillation in this run (set `finetune.baselines: [no_kd, cut_only]` in the "
+              "preset to fine-tune a no-KD and a cut-only student with the same protocol).", ""]
+    names = list(tasks) + (["GLUE macro"] if macro["tasks"] else [])
+
+    def row(label: str, key: str) -> list[str]:
+        cells = [_score_cell(e[key]) if key != "majority" else _f(e["majority"]) for e in tasks.values()]
+        return [label] + cells + ([_f(macro.get(key))] if macro["tasks"] else [])
+
+    rows = [row("teacher", "teacher"), row("distilled student", "student")]
+    rows += [row(BASELINES[b][0], b) for b in present]
+    rows.append(row("majority class", "majority"))
+    L += _table(["model"] + names, rows)
+    verdicts = []
+    for task, e in tasks.items():
+        said = [verdict_text(c, BASELINE_NAMES[b]) for b, c in e["vs_baselines"].items() if c is not None]
+        if said:
+            verdicts.append(f"- {task}: the distilled student " + "; ".join(said) + ".")
+    if verdicts:
+        L += ["", "Beat outside the seed spread = the distilled student's worst seed above the baseline's best.", ""]
+        L += verdicts
+    L.append("")
+    return L
+
+
 def render_markdown(rep: dict[str, Any]) -> str:
     L: list[str] = [f"# distilkit report: `{rep['run_dir']}`", ""]
     macro, tasks = rep["macro"], rep["tasks"]
     if macro["retention_pct"] is not None:
-        L += [f"**The student keeps {macro['retention_pct']:.1f}% of the teacher's macro score** over "
+        L += [f"**The student keeps {macro['retention_pct']:.1f}% of the teacher's GLUE macro score** over "
               f"{', '.join(macro['tasks'])} (paper, same tasks: {_f(macro['paper_same_tasks']['retention_pct'], 1, '%')}; "
               f"paper, 9 GLUE tasks: {_f(macro['paper_published'].get('retention_pct'), 1, '%')})."]
+        if macro["headroom_retention_pct"] is not None:
+            L += [f"**Headroom retention {macro['headroom_retention_pct']:.1f}%:** of the teacher's gain over the "
+                  f"majority class ({_f(macro['teacher'])} vs {_f(macro['majority'])} macro), the student keeps "
+                  f"{macro['headroom_retention_pct']:.1f}% ({_f(macro['student'])})."]
+        base = [f"{BASELINE_NAMES[b]} {macro[b]:.1f}" for b in BASELINES if macro.get(b) is not None]
+        if base:
+            L += [f"**Without distillation** (GLUE macro, same tasks and seeds): {', '.join(base)}, against the "
+                  f"distilled student's {_f(macro['student'])} (per task below)."]
+    for task in macro["not_averaged"]:
+        e = tasks[task]
+        if e["retention_pct"] is not None:
+            L += [f"**{task}** ({'paper Table 2, ' if task == 'imdb' else ''}not in the GLUE macro): retention "
+                  f"{e['retention_pct']:.1f}%, headroom retention {_f(e['headroom_retention_pct'], 1, '%')} "
+                  f"(paper: {_f(e['paper']['retention_pct'], 1, '%')})."]
     b = rep["bench"]
     if b is not None:
         L += [f"**Size and speed:** the student has {b['param_ratio']:.0%} of the teacher's parameters "
@@ -420,36 +518,48 @@ def render_markdown(rep: dict[str, Any]) -> str:
     L += ["## Downstream tasks (paper Tables 1 and 2)", "",
           "Scores on the paper's scale (x100): median over seeds (min–max, number of seeds). "
           "Paper: GLUE dev (Table 1) and IMDb test accuracy (Table 2), medians of 5 seeds on full data.", ""]
-    rows = []
-    for task, e in tasks.items():
+    def task_row(task: str, e: dict) -> list[str]:
         p = e["paper"]
         sub = _subset_cell(e["teacher"])
         if e["teacher"] and e["student"] and _subset_cell(e["student"]) != sub:
             sub += f" (student: {_subset_cell(e['student'])})"
         elif e["teacher"] is None:
             sub = _subset_cell(e["student"])
-        rows.append([task, e["score_name"] or "", _score_cell(e["teacher"]), _score_cell(e["student"]),
-                     _f(e["retention_pct"], 1, "%"), _p(p["BERT-base"]), _p(p["DistilBERT"]),
-                     _f(p["retention_pct"], 1, "%"), sub])
+        name = (task if e["glue"] else f"{task} (Table 2, not in the GLUE macro)" if task == "imdb"
+                else f"{task} (not GLUE)")
+        return [name, e["score_name"] or "", _score_cell(e["teacher"]), _score_cell(e["student"]),
+                _f(e["retention_pct"], 1, "%"), _f(e["majority"]), _f(e["headroom_retention_pct"], 1, "%"),
+                _p(p["BERT-base"]), _p(p["DistilBERT"]), _f(p["retention_pct"], 1, "%"), sub]
+
+    rows = [task_row(task, e) for task, e in tasks.items() if e["glue"]]
     if macro["tasks"]:
         ps = macro["paper_same_tasks"]
-        rows.append([f"**macro** ({len(macro['tasks'])} tasks; paper: same tasks)", "mean", f"**{_f(macro['teacher'])}**",
-                     f"**{_f(macro['student'])}**", f"**{_f(macro['retention_pct'], 1, '%')}**",
+        n = len(macro["tasks"])
+        label = ("**GLUE macro** (all 9 tasks)" if n == len(macro["glue_tasks"])
+                 else f"**GLUE macro** ({n} of 9 tasks; paper: same tasks)")
+        rows.append([label, "mean", f"**{_f(macro['teacher'])}**", f"**{_f(macro['student'])}**",
+                     f"**{_f(macro['retention_pct'], 1, '%')}**", _f(macro["majority"]),
+                     f"**{_f(macro['headroom_retention_pct'], 1, '%')}**",
                      _f(ps["BERT-base"]), _f(ps["DistilBERT"]), _f(ps["retention_pct"], 1, "%"), ""])
     pub = macro["paper_published"]
     if pub.get("BERT-base") is not None:
-        rows.append(["paper GLUE macro (9 tasks)", "mean", "", "", "", _p(pub["BERT-base"]), _p(pub["DistilBERT"]),
+        rows.append(["paper GLUE macro (9 tasks)", "mean", "", "", "", "", "", _p(pub["BERT-base"]), _p(pub["DistilBERT"]),
                      _f(pub["retention_pct"], 1, "%") + (f" (claimed {pub['claimed_retention_pct']:.0f}%)"
                                                          if pub.get("claimed_retention_pct") else ""), ""])
-    if rows:
-        L += _table(["task", "metric", "teacher", "student", "retention", "paper BERT-base", "paper DistilBERT",
-                     "paper retention", "subset used (train / eval)"], rows)
+    rows += [task_row(task, e) for task, e in tasks.items() if not e["glue"]]
+    if tasks:
+        L += _table(["task", "metric", "teacher", "student", "retention", "majority class", "headroom retention",
+                     "paper BERT-base", "paper DistilBERT", "paper retention", "subset used (train / eval)"], rows)
+        L += ["", "Majority class: the score of always predicting the training set's most frequent label (STS-B: "
+              "its mean, correlation 0). Headroom retention = (student − majority) / (teacher − majority)."]
     else:
         L.append("No teacher or student fine-tuning results.")
     if "seed_reproduction" in macro:
         sr = macro["seed_reproduction"]
         L += ["", f"For scale: {sr['note']}"] if sr.get("note") else []
     L.append("")
+
+    L += _baselines_section(rep)
 
     # Every variant on every task
     if set(rep["variants"]) - set(CORE):
@@ -562,42 +672,63 @@ def render_chart(rep: dict[str, Any]) -> bytes:
     """PNG bytes: teacher vs student per task (+ macro) with retention labels; size/speed ratios beside it."""
     from matplotlib.figure import Figure
 
-    tasks = [t for t, e in rep["tasks"].items() if e["teacher"] or e["student"]]
     macro, b = rep["macro"], rep["bench"]
-    labels = tasks + (["macro"] if macro["tasks"] else [])
-    t_vals = [(rep["tasks"][t]["teacher"] or {}).get("median") for t in tasks] + ([macro["teacher"]] if macro["tasks"] else [])
-    s_vals = [(rep["tasks"][t]["student"] or {}).get("median") for t in tasks] + ([macro["student"]] if macro["tasks"] else [])
-    ret = [rep["tasks"][t]["retention_pct"] for t in tasks] + ([macro["retention_pct"]] if macro["tasks"] else [])
+    entries = {t: e for t, e in rep["tasks"].items() if e["teacher"] or e["student"]}
+    glue = [t for t, e in entries.items() if e.get("glue", True)]
+    tasks = glue + [t for t in entries if t not in glue]  # IMDb after the GLUE macro, on its own
+    labels = glue + (["GLUE\nmacro"] if macro["tasks"] else []) + tasks[len(glue):]
+    roles = ["teacher", "student"] + [r for r in BASELINES if any(e.get(r) for e in entries.values())]
+
+    def column(key: str) -> list[float | None]:  # per label: a model's median (or the majority score)
+        per_task = [entries[t].get(key) if key == "majority" else (entries[t].get(key) or {}).get("median")
+                    for t in tasks]
+        return per_task[:len(glue)] + ([macro.get(key)] if macro["tasks"] else []) + per_task[len(glue):]
+
+    vals = {role: column(role) for role in roles}
+    t_vals, s_vals, floor = vals["teacher"], vals["student"], column("majority")
+    ret = [entries[t]["retention_pct"] for t in tasks]
+    ret = ret[:len(glue)] + ([macro["retention_pct"]] if macro["tasks"] else []) + ret[len(glue):]
 
     abl = [a for a in rep.get("ablations", []) if a["delta"] is not None]
     ratios = [max(len(labels), 2)] + ([2.2] if b else []) + ([3.2] if abl else [])
-    width = 7.5 + (3.5 if b else 0.0) + (5.0 if abl else 0.0)  # inches: tasks panel, size/speed, ablations
+    # inches: the tasks panel (one more per baseline student), size/speed, ablations
+    width = 7.5 + 1.0 * (len(roles) - 2) + (3.5 if b else 0.0) + (5.0 if abl else 0.0)
     fig = Figure(figsize=(width, 4.6), layout="constrained")
     axes = list(fig.subplots(1, len(ratios), width_ratios=ratios)) if len(ratios) > 1 else [fig.subplots()]
     ax = axes[0]
-    w = 0.38
+    w = 0.76 / len(roles)
+    offs = {role: (i - (len(roles) - 1) / 2) * w for i, role in enumerate(roles)}
     xs = list(range(len(labels)))
-    colors = {"teacher": "#4C72B0", "student": "#DD8452"}
-    for off, vals, role in ((-w / 2, t_vals, "teacher"), (w / 2, s_vals, "student")):
-        pts = [(x + off, v) for x, v in zip(xs, vals) if v is not None]
+    colors = {"teacher": "#4C72B0", "student": "#DD8452", "no_kd": "#8C8C8C", "cut_only": "#C4C4C4"}
+    names = {"teacher": "teacher", "student": "student", **BASELINE_NAMES}
+    for role in roles:
+        pts = [(x + offs[role], v) for x, v in zip(xs, vals[role]) if v is not None]
         if pts:
-            ax.bar([p[0] for p in pts], [p[1] for p in pts], w, label=role, color=colors[role])
-    top = max([v for v in t_vals + s_vals if v is not None] + [1.0])
-    for x, t, s, r in zip(xs, t_vals, s_vals, ret):
+            ax.bar([p[0] for p in pts], [p[1] for p in pts], w, label=names[role], color=colors[role])
+    for i, (x, m) in enumerate((x, m) for x, m in zip(xs, floor) if m is not None):  # the majority-class floor
+        ax.hlines(m, x - 0.45, x + 0.45, colors="black", lw=1.4, linestyles="dotted",
+                  label="majority class" if i == 0 else None)
+    every = [v for r in roles for v in vals[r] if v is not None] + [m for m in floor if m is not None]
+    top = max(every + [1.0])
+    for x, r, s in zip(xs, ret, s_vals):
         if s is not None and r is not None:
-            ax.text(x + w / 2, max(s, 0) + top * 0.015, f"{r:.0f}%", ha="center", va="bottom", fontsize=8)
-        for off, v, role in ((-w / 2, t, "teacher"), (w / 2, s, "student")):
+            ax.text(x + offs["student"], max(s, 0) + top * 0.015, f"{r:.0f}%", ha="center", va="bottom", fontsize=8)
+    for x, t, s in zip(xs, t_vals, s_vals):
+        for role, v in (("teacher", t), ("student", s)):
             if v is None:
-                ax.text(x + off, top * 0.02, f"no {role}", ha="center", va="bottom", fontsize=7, rotation=90, color="0.4")
+                ax.text(x + offs[role], top * 0.02, f"no {role}", ha="center", va="bottom", fontsize=7, rotation=90,
+                        color="0.4")
     if macro["tasks"]:
-        ax.axvline(len(tasks) - 0.5, color="0.7", lw=0.8, ls="--")
+        ax.axvline(len(glue) - 0.5, color="0.7", lw=0.8, ls="--")
+        if len(tasks) > len(glue):
+            ax.axvline(len(glue) + 0.5, color="0.7", lw=0.8, ls="--")
     ax.set_xticks(xs, labels)
-    ax.set_ylim(min([0.0] + [v for v in t_vals + s_vals if v is not None]), top * 1.25)
+    ax.set_ylim(min([0.0] + every), top * 1.25)
     ax.set_ylabel("score (paper scale, median over seeds)")
-    ax.set_title("Downstream tasks: teacher vs student (label: retention)", fontsize=10)
+    ax.set_title("Downstream tasks: teacher vs student (label: retention), baselines", fontsize=10)
     ax.axhline(0, color="black", lw=0.6)
     if labels:
-        ax.legend(loc="upper left", ncols=2, fontsize=8)
+        ax.legend(loc="upper left", ncols=3, fontsize=7)
     else:
         ax.text(0.5, 0.5, "no fine-tuning results", ha="center", va="center", transform=ax.transAxes)
         ax.set_yticks([])
