@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import TrainConfig
 from .utils import DistilkitError
 
 IGNORE_INDEX = -100
@@ -29,10 +30,12 @@ IGNORE_INDEX = -100
 
 @dataclass
 class MaskingConfig:
-    mlm_prob: float = 0.15  # fraction of eligible tokens selected for prediction
-    mask_frac: float = 0.8  # of the selected: replaced by [MASK]
-    random_frac: float = 0.1  # of the selected: replaced by a random non-special token (rest kept)
-    smoothing: float | None = None  # e.g. 0.7: selection weight count ** -0.7 (needs token counts)
+    """The masking fields of a TrainConfig, with its defaults (stated once, in config.TrainConfig)."""
+
+    mlm_prob: float = TrainConfig.mlm_prob  # fraction of eligible tokens selected for prediction
+    mask_frac: float = TrainConfig.mask_frac  # of the selected: replaced by [MASK]
+    random_frac: float = TrainConfig.random_frac  # of the selected: a random non-special token (rest kept)
+    smoothing: float | None = TrainConfig.smoothing  # e.g. 0.7: selection weight count ** -0.7 (needs token counts)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_prob <= 1.0:
