@@ -221,16 +221,16 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """`distilkit distill`: the triple loss (losses.LossConfig takes its defaults from here).
 
-    Loss weights, temperature, optimizer, schedule and masking default to the paper's released recipe;
-    KL positions, position embeddings and the batch do not (README, "distilkit vs the paper's code";
-    the `paper` preset sets all of them).
+    Loss weights, temperature, optimizer, schedule, masking rates and smoothing default to the paper's
+    released recipe; KL positions, position embeddings, the batch and how sequences are built do not
+    (README, "distilkit vs the paper's code"; the `paper` preset sets what distilkit can express).
     """
 
     alpha_ce: float = 5.0  # soft-target KL (0 switches the term off, as in the paper's Table 4)
     alpha_mlm: float = 2.0  # masked-LM cross-entropy
     alpha_cos: float = 1.0  # cosine between last hidden states
     temperature: float = 2.0
-    kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions (the paper's code)
+    kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions (the paper's code: all)
     smoothing: float | None = 0.7  # the paper's code: --mlm_smoothing 0.7 (token selection weight count**-0.7)
 
 # --- teacher adaptation (adapt.py) ---------------------------------------------------------
