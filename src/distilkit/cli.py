@@ -146,7 +146,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", required=True, help="DistilBERT student folder (distilkit init-student)")
     p.add_argument("--corpus", required=True, help="prepared corpus folder (distilkit prepare-corpus)")
     p.add_argument("--out", required=True, help="output folder: final/, distill.json, eval.json, metrics.jsonl, checkpoints/")
-    p.add_argument("--config", help="YAML file with DistillConfig fields (top level or under 'distill'), e.g. configs/distill.yaml")
+    p.add_argument("--config", help="YAML file with DistillConfig fields (top level or under 'distill'), or a preset name, e.g. cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. steps=1000 or alpha_cos=0 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

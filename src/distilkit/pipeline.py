@@ -414,7 +414,7 @@ class Pipeline:
             "command": self.command,
             "preset": self.preset,
             "data_dir": str(self.data),
-            "config": to_dict(self.cfg),
+            "config": resolved_config(self.cfg),  # as --show-config prints it
             "seeds": self.cfg.finetune.seeds,
             "data_checksums": checksums,
             **provenance(),
