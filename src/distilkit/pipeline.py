@@ -174,10 +174,10 @@ def check_preset(cfg: ReproduceConfig, where: str = "config") -> None:
     def fail(key: str, message: str) -> DistilkitError:
         return DistilkitError(f"{where}: {key}: {message}")
 
-    def known(key: str, names: list[str] | dict, allowed: Any, what: str = "task") -> None:
+    def known(key: str, names: list[str] | dict, allowed: Any) -> None:
         bad = [n for n in names if n not in allowed]
         if bad:
-            raise fail(key, f"unknown {what}(s) {bad}; expected among {sorted(allowed)}")
+            raise fail(key, f"unknown task(s) {bad}; expected among {sorted(allowed)}")
 
     if cfg.adapt not in ADAPT_MODES:
         raise fail("adapt", f"expected one of {list(ADAPT_MODES)}, got '{cfg.adapt}'")
@@ -198,7 +198,9 @@ def check_preset(cfg: ReproduceConfig, where: str = "config") -> None:
         raise fail("finetune.tasks", "expected at least one task")
     known("finetune.tasks", f.tasks, TASKS)
     known("finetune.per_task", f.per_task, TASKS)
-    known("finetune.baselines", f.baselines, BASELINES, "baseline")
+    for name in f.baselines:
+        if name not in BASELINES:
+            raise fail("finetune.baselines", f"unknown baseline '{name}', expected any of {sorted(BASELINES)}")
     if not f.seeds:
         raise fail("finetune.seeds", "expected at least one seed")
     if "seeds" in f.common:
