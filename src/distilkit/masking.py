@@ -8,10 +8,11 @@ Called on every batch, so each pass over the corpus masks different positions (R
   sequence contributes to the loss;
 * with smoothing (XLM / DistilBERT `--mlm_smoothing 0.7`): exactly `round(mlm_prob * n_eligible)`
   positions of the whole batch, drawn without replacement with probability proportional to
-  `weights[token] = count(token) ** -smoothing`, so rare tokens are predicted more often.
+  `weights[token] = count(token) ** -smoothing`, so rare tokens are predicted more often (the paper's
+  code draws `ceil(mlm_prob * n_tokens)` with [CLS]/[SEP] counted: README, "distilkit vs the paper's code").
 
 Selected positions become [MASK] with probability `mask_frac`, a random non-special token with
-probability `random_frac`, and stay unchanged otherwise. Labels hold the original id at selected
+probability `random_frac` (the paper's code draws from the whole vocabulary), and stay unchanged otherwise. Labels hold the original id at selected
 positions and -100 elsewhere. Everything is vectorised torch and reproducible given a `torch.Generator`.
 """
 

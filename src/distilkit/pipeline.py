@@ -68,7 +68,7 @@ class StudentSection:
 @dataclass
 class FinetuneSection:
     tasks: list[str] = field(default_factory=lambda: ["cola", "mrpc", "sst2", "imdb"])
-    seeds: list[int] = field(default_factory=lambda: [1])
+    seeds: list[int] = field(default_factory=lambda: FinetuneConfig().seeds)  # FinetuneConfig's default
     common: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for every task (checked at load)
     per_task: dict[str, Any] = field(default_factory=dict)  # task -> FinetuneConfig fields (checked at load)
     teacher: bool = True  # false: fine-tune the students only (e.g. an ablation run; no retention column)
