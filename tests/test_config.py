@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distilkit.config import DistillConfig, FinetuneConfig, apply_overrides, load_config
+from distilkit.config import DistillConfig, FinetuneConfig, TrainConfig, apply_overrides, load_config
+from distilkit.losses import LossConfig
+from distilkit.masking import MaskingConfig
 from distilkit.pipeline import ReproduceConfig, VariantSection
 from distilkit.utils import DistilkitError
 
@@ -22,7 +24,7 @@ def test_nested_sections_and_lists():
     cfg = ReproduceConfig(variants=[VariantSection(name="a")])
     cfg = apply_overrides(cfg, ["distill.steps=5", "finetune.per_task.cola.max_train=100", "variants.0.distill.alpha_ce=0",
                                 "student.layers=[0,2,4]", "corpus.max_lines=10"])
-    assert cfg.distill == {"steps": 5}
+    assert cfg.distill.steps == 5 and cfg.distill.alpha_ce == DistillConfig.alpha_ce  # typed, defaulted
     assert cfg.finetune.per_task == {"cola": {"max_train": 100}}
     assert cfg.variants[0].distill == {"alpha_ce": 0}
     assert cfg.student.layers == [0, 2, 4] and cfg.corpus.max_lines == 10
@@ -56,3 +58,28 @@ def test_yaml_file_with_section_and_errors(tmp_path):
         load_config(DistillConfig, unknown)
     with pytest.raises(DistilkitError, match="no such config file"):
         load_config(DistillConfig, tmp_path / "missing.yaml")
+
+
+def test_typed_sections_reject_typos_in_overrides():
+    """`--set` on a typed section checks the key and the type (distill and adapt_config are dataclasses)."""
+    with pytest.raises(DistilkitError, match="unknown key 'alpha_coss' for DistillConfig"):
+        apply_overrides(ReproduceConfig(), ["distill.alpha_coss=1"])
+    with pytest.raises(DistilkitError, match="expected int"):
+        apply_overrides(ReproduceConfig(), ["adapt_config.steps=many"])
+    assert apply_overrides(ReproduceConfig(), ["adapt_config.steps=7"]).adapt_config.steps == 7
+
+
+def test_defaults_are_stated_once():
+    """MaskingConfig and LossConfig take their defaults from TrainConfig and DistillConfig."""
+    for name in ("mlm_prob", "mask_frac", "random_frac", "smoothing"):
+        assert getattr(MaskingConfig(), name) == getattr(TrainConfig(), name)
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "temperature", "kl_positions"):
+        assert getattr(LossConfig(), name) == getattr(DistillConfig(), name)
+
+
+def test_named_preset_is_a_config_file():
+    """A name that is not a file is looked up among the shipped presets (`--config cpu` reads its section)."""
+    cfg = load_config(DistillConfig, "cpu", ["steps=3"], section="distill")
+    assert (cfg.steps, cfg.batch_size) == (3, 32)
+    with pytest.raises(DistilkitError, match="no such config file.*quick"):
+        load_config(DistillConfig, "no-such-preset")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import WORDS, make_tiny_teacher
-from distilkit.pipeline import STAGES, load_preset, reproduce
+from distilkit.pipeline import STAGE_KEY_FILE, STAGES, Pipeline, load_preset, reproduce
 from distilkit.utils import DistilkitError
 
 
@@ -183,3 +183,90 @@ def test_preset_errors(setup, tmp_path):
         assert cfg.finetune.tasks
     with pytest.raises(DistilkitError, match="data directory"):
         reproduce(str(preset), str(tmp_path / "nope"), str(tmp_path / "run"))
+
+
+def _pipeline(preset: Path, data: Path, run: Path, sets: list[str], logs: list[str]) -> Pipeline:
+    return Pipeline(load_preset(str(preset), sets), data, run, log=logs.append)
+
+
+def _distilled(run: Path) -> dict:
+    return json.loads((run / "distill" / "distill.json").read_text())
+
+
+def test_changed_inputs_redo_resumable_stages(setup):
+    """Issue 14.1: rerunning an --out with another student or corpus redoes adapt/distill from scratch (the
+    old folders set aside, then deleted), never 'done in 0.2s' from the old checkpoints."""
+    root, data, preset = setup
+    run = root / "run-stale"
+    sets = ["variants=[]"]
+    reproduce(str(preset), str(data), str(run), overrides=sets, until="distill")
+    first = _distilled(run)
+    assert first["steps"] == 6 and json.loads((run / "distill" / STAGE_KEY_FILE).read_text())["stage"] == "distill"
+
+    logs: list[str] = []
+    summary = _pipeline(preset, data, run, [*sets, "student.layers=[1,3]"], logs).run_all(until="distill")
+    status = {s["stage"]: s["status"] for s in summary}
+    assert (status["adapt"], status["student"], status["distill"]) == ("skipped", "done", "done")
+    second = _distilled(run)
+    assert second["resumed_from"] is None and second["steps"] == 6 and second["tokens_per_s"] > 0
+    assert second["final_fingerprint"] != first["final_fingerprint"]
+    assert second["initial_fingerprint"] != first["initial_fingerprint"]  # really the layers-[1,3] student
+    assert sum("distill: " in m and "set aside (made with other settings)" in m for m in logs) == 1
+    assert not (run / ".trash").exists()  # the old folder is deleted once the new distill completes
+
+    logs.clear()
+    summary = _pipeline(preset, data, run, [*sets, "student.layers=[1,3]", "corpus.block_size=16"], logs).run_all(
+        until="distill")
+    assert all(s["status"] == "done" for s in summary)
+    assert any("adapt: " in m and "set aside" in m for m in logs) and any("distill: " in m and "set aside" in m for m in logs)
+    assert _distilled(run)["block_size"] == 16 and _distilled(run)["resumed_from"] is None
+    assert json.loads((run / "teacher" / "adapt.json").read_text())["block_size"] == 16
+
+
+def test_from_stage_restarts_cleanly_and_killed_stage_resumes(setup):
+    """Issue 14.6: `--set distill.steps=... --from distill` works (it used to fail with 'config differs');
+    `--from` with the same settings restarts too; a stage killed with the same settings resumes."""
+    root, data, preset = setup
+    run = root / "run-from"
+    sets = ["variants=[]"]
+    reproduce(str(preset), str(data), str(run), overrides=sets, until="distill")
+
+    reproduce(str(preset), str(data), str(run), overrides=[*sets, "distill.steps=8"], from_stage="distill", until="distill")
+    assert _distilled(run)["steps"] == 8 and _distilled(run)["resumed_from"] is None
+
+    logs: list[str] = []
+    summary = _pipeline(preset, data, run, [*sets, "distill.steps=8"], logs).run_all(from_stage="distill", until="distill")
+    assert [s["status"] for s in summary] == ["skipped", "skipped", "skipped", "done"]
+    assert any("set aside (--from)" in m for m in logs) and _distilled(run)["resumed_from"] is None
+    assert not (run / ".trash").exists()
+
+    # killed after its last checkpoint, before `final` and the stamp: same key, so it continues
+    import shutil
+
+    shutil.rmtree(run / "distill" / "final")
+    (run / "stages" / "distill.json").unlink()
+    logs.clear()
+    _pipeline(preset, data, run, [*sets, "distill.steps=8"], logs).run_all(until="distill")
+    assert _distilled(run)["resumed_from"] and not any("set aside" in m for m in logs)
+
+
+def test_folder_claims(setup, tmp_path):
+    """A stage folder with another key or none is moved to RUN/.trash and deleted when the stage completes."""
+    root, data, preset = setup
+    run = tmp_path / "run"
+    logs: list[str] = []
+    pipe = _pipeline(preset, data, run, [], logs)
+    folder = run / "distill"
+    (folder / "checkpoint-00000002").mkdir(parents=True)  # an old run's, no key recorded
+    pipe._claim(folder, "k1", "distill")
+    assert [p.name for p in folder.iterdir()] == [STAGE_KEY_FILE]
+    (trash,) = (run / ".trash").iterdir()
+    assert trash.name.startswith("distill-") and (trash / "checkpoint-00000002").is_dir()
+    assert "set aside (no stage key)" in logs[-1]
+    (folder / "checkpoint-00000004").mkdir()
+    pipe._claim(folder, "k1", "distill")  # same key: kept, to resume
+    assert (folder / "checkpoint-00000004").is_dir()
+    pipe._claim(folder, "k2", "distill")  # another key: set aside too
+    assert len(list((run / ".trash").iterdir())) == 2 and "made with other settings" in logs[-1]
+    pipe._empty_trash("distill")
+    assert not (run / ".trash").exists()

@@ -146,7 +146,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", required=True, help="DistilBERT student folder (distilkit init-student)")
     p.add_argument("--corpus", required=True, help="prepared corpus folder (distilkit prepare-corpus)")
     p.add_argument("--out", required=True, help="output folder: final/, distill.json, eval.json, metrics.jsonl, checkpoints/")
-    p.add_argument("--config", help="YAML file with DistillConfig fields (top level or under 'distill'), e.g. configs/distill.yaml")
+    p.add_argument("--config", help="YAML file with DistillConfig fields (top level or under 'distill'), or a preset name, e.g. cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. steps=1000 or alpha_cos=0 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -326,21 +326,29 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     from .pipeline import STAGES
 
     p = sub.add_parser("reproduce", help="run the whole recipe: corpus, adapt, student, distill, finetune, bench, report")
-    p.add_argument("--preset", default="quick", help="configs/<NAME>.yaml (quick, cpu, paper) or a YAML file")
-    p.add_argument("--data-dir", required=True, help="folder with wikitext/, cola/, mrpc/, sst2/, imdb/ ...")
-    p.add_argument("--out", required=True, help="run folder (re-running it skips finished stages)")
+    p.add_argument("--preset", default="quick", help="a shipped preset (quick, cpu, gpu, ablations, paper) or a YAML file")
+    p.add_argument("--data-dir", help="folder with wikitext/, cola/, mrpc/, sst2/, imdb/ ... (required to run)")
+    p.add_argument("--out", help="run folder (re-running it skips finished stages; required to run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. distill.steps=100 or finetune.seeds=[1,2,3]")
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
     p.add_argument("--until", choices=STAGES, help="stop after this stage (run the same command again to go on)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the fully resolved preset (with --set applied) as JSON and exit")
     p.set_defaults(func=_cmd_reproduce)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     import shlex
 
-    from .pipeline import reproduce
+    from .pipeline import load_preset, reproduce, resolved_config
 
+    if args.show_config:
+        print(json.dumps(resolved_config(load_preset(args.preset, args.set)), indent=2))
+        return 0
+    missing = [flag for flag, value in (("--data-dir", args.data_dir), ("--out", args.out)) if not value]
+    if missing:
+        raise DistilkitError(f"{' and '.join(missing)} required (or --show-config)")
     command = "distilkit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = reproduce(args.preset, args.data_dir, args.out, overrides=args.set, from_stage=args.from_stage,
                         command=command, until=args.until)

@@ -1,8 +1,11 @@
 """Typed configuration: dataclasses with defaults, loadable from YAML and overridable as `key=value`.
 
-Each stage has one dataclass. `load_config(Cls, path, overrides)` reads a YAML file (either the
-dataclass's fields at top level, or under a section named `section`), then applies `a.b=value`
-overrides given on the command line, checking every key and converting every value to the field's type.
+Each stage has one dataclass, and each default is stated once, here (masking.MaskingConfig and
+losses.LossConfig take theirs from TrainConfig and DistillConfig). `load_config(Cls, path, overrides)`
+reads a YAML file (either the dataclass's fields at top level, or under a section named `section`), then
+applies `a.b=value` overrides given on the command line, checking every key and converting every value
+to the field's type. A path that is not a file may name a preset shipped in the package
+(`distilkit/presets/<name>.yaml`, read through importlib.resources so that it works from a wheel).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +23,20 @@ from .utils import DistilkitError
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package (`distilkit/presets/<name>.yaml`)."""
+    folder = resources.files("distilkit").joinpath("presets")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_file(name: str) -> Any:
+    """The shipped preset `name` (an importlib.resources Traversable), or None."""
+    if not name or any(sep in name for sep in "/\\") or name.startswith("."):
+        return None
+    found = resources.files("distilkit").joinpath("presets", f"{name}.yaml")
+    return found if found.is_file() else None
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -99,7 +116,7 @@ def apply_overrides(obj: T, overrides: list[str] | None, where: str = "override"
 
 
 def _set_path(obj: Any, path: list[str], value: Any, where: str) -> Any:
-    if isinstance(obj, dict):  # free-form section (checked later by the stage's own dataclass)
+    if isinstance(obj, dict):  # a partial section (e.g. finetune.per_task), checked when the whole config loads
         new = dict(obj)
         new[path[0]] = value if len(path) == 1 else _set_path(new.get(path[0], {}), path[1:], value, where)
         return new
@@ -120,14 +137,18 @@ def _set_path(obj: Any, path: list[str], value: Any, where: str) -> Any:
     return dataclasses.replace(obj, **{path[0]: _set_path(child, path[1:], value, where)})
 
 
+def resolve_yaml(path: str | Path) -> Any:
+    """A YAML file's path, or a shipped preset's resource when `path` is a preset name (not a file)."""
+    if Path(path).is_file():
+        return Path(path)
+    named = preset_file(str(path))
+    if named is None:
+        raise DistilkitError(f"{path}: no such config file (nor a preset: {', '.join(preset_names())})")
+    return named
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        named = CONFIG_DIR / f"{path}.yaml"
-        if named.is_file():
-            path = named
-        else:
-            raise DistilkitError(f"{path}: no such config file")
+    path = resolve_yaml(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -175,17 +196,18 @@ class TrainConfig:
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 5.0  # max gradient norm (0 disables)
-    mlm_prob: float = 0.15  # dynamic masking, new masks every batch (masking.MaskingConfig)
-    mask_frac: float = 0.8
-    random_frac: float = 0.1
-    smoothing: float | None = None  # e.g. 0.7: select tokens with weight count**-0.7 (released DistilBERT)
+    mlm_prob: float = 0.15  # dynamic masking, new masks every batch (masking.MaskingConfig takes these defaults)
+    mask_frac: float = 0.8  # of the selected: [MASK]
+    random_frac: float = 0.1  # of the selected: a random non-special token (the rest stay unchanged)
+    smoothing: float | None = None  # e.g. 0.7: select tokens with weight count**-0.7 (the paper's code: 0.7)
     seed: int = 0
     save_every: int = 500  # checkpoint every N optimizer steps (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     log_every: int = 10  # metrics.jsonl line every N optimizer steps
     mixed_precision: str = "auto"  # auto (bf16 where the CPU/GPU computes bf16 natively, else fp32) | no | bf16 | fp16
-    freeze_position_embeddings: bool = False  # keep the student's position embeddings fixed (the paper's code:
-    # --freeze_pos_embs, used for DistilBERT)
+    freeze_position_embeddings: bool = False  # keep the student's position embeddings fixed. The paper's code
+    # did, for DistilBERT through its student config (sinusoidal_pos_embds: true creates them with requires_grad
+    # off; the teacher's learned ones are then loaded into them); its --freeze_pos_embs touches RoBERTa/GPT-2 only
     attention_dropout: float | None = None  # override the attention-probability dropout while training
     # (None: the model's own, 0.1 in DistilBERT/BERT); 0 lets CPU attention use its fused kernel, 1.17x faster
     # steps on CPU (benchmarks/README.md); the saved model keeps its configured value for fine-tuning
@@ -197,13 +219,18 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class DistillConfig(TrainConfig):
-    """`distilkit distill`: the triple loss. Defaults = the released DistilBERT (Sanh et al. 2019)."""
+    """`distilkit distill`: the triple loss (losses.LossConfig takes its defaults from here).
+
+    Loss weights, temperature, optimizer, schedule, masking rates and smoothing default to the paper's
+    released recipe; KL positions, position embeddings, the batch and how sequences are built do not
+    (README, "distilkit vs the paper's code"; the `paper` preset sets what distilkit can express).
+    """
 
     alpha_ce: float = 5.0  # soft-target KL (0 switches the term off, as in the paper's Table 4)
     alpha_mlm: float = 2.0  # masked-LM cross-entropy
     alpha_cos: float = 1.0  # cosine between last hidden states
     temperature: float = 2.0
-    kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions
+    kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions (the paper's code: all)
     smoothing: float | None = 0.7  # the paper's code: --mlm_smoothing 0.7 (token selection weight count**-0.7)
 
 # --- teacher adaptation (adapt.py) ---------------------------------------------------------

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
+from .config import DistillConfig
 
 IGNORE_INDEX = -100
 KL_POSITIONS = ("masked", "all")
@@ -61,11 +62,11 @@ def cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> t
 class LossConfig:
     """Weights of the three terms (0 switches a term off), softmax temperature, and where KL is taken."""
 
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
-    kl_positions: str = "masked"  # "masked" or "all" (every non-padding position)
+    alpha_ce: float = DistillConfig.alpha_ce  # defaults stated once, in config.DistillConfig
+    alpha_mlm: float = DistillConfig.alpha_mlm
+    alpha_cos: float = DistillConfig.alpha_cos
+    temperature: float = DistillConfig.temperature
+    kl_positions: str = DistillConfig.kl_positions  # "masked" or "all" (every non-padding position)
 
 
 class MLMForward(nn.Module):

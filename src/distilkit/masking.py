@@ -8,10 +8,11 @@ Called on every batch, so each pass over the corpus masks different positions (R
   sequence contributes to the loss;
 * with smoothing (XLM / DistilBERT `--mlm_smoothing 0.7`): exactly `round(mlm_prob * n_eligible)`
   positions of the whole batch, drawn without replacement with probability proportional to
-  `weights[token] = count(token) ** -smoothing`, so rare tokens are predicted more often.
+  `weights[token] = count(token) ** -smoothing`, so rare tokens are predicted more often (the paper's
+  code draws `ceil(mlm_prob * n_tokens)` with [CLS]/[SEP] counted: README, "distilkit vs the paper's code").
 
 Selected positions become [MASK] with probability `mask_frac`, a random non-special token with
-probability `random_frac`, and stay unchanged otherwise. Labels hold the original id at selected
+probability `random_frac` (the paper's code draws from the whole vocabulary), and stay unchanged otherwise. Labels hold the original id at selected
 positions and -100 elsewhere. Everything is vectorised torch and reproducible given a `torch.Generator`.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import TrainConfig
 from .utils import DistilkitError
 
 from .losses import IGNORE_INDEX  # noqa: F401  (one definition, in losses: the label value the losses skip)
@@ -29,10 +31,12 @@ from .losses import IGNORE_INDEX  # noqa: F401  (one definition, in losses: the 
 
 @dataclass
 class MaskingConfig:
-    mlm_prob: float = 0.15  # fraction of eligible tokens selected for prediction
-    mask_frac: float = 0.8  # of the selected: replaced by [MASK]
-    random_frac: float = 0.1  # of the selected: replaced by a random non-special token (rest kept)
-    smoothing: float | None = None  # e.g. 0.7: selection weight count ** -0.7 (needs token counts)
+    """The masking fields of a TrainConfig, with its defaults (stated once, in config.TrainConfig)."""
+
+    mlm_prob: float = TrainConfig.mlm_prob  # fraction of eligible tokens selected for prediction
+    mask_frac: float = TrainConfig.mask_frac  # of the selected: replaced by [MASK]
+    random_frac: float = TrainConfig.random_frac  # of the selected: a random non-special token (rest kept)
+    smoothing: float | None = TrainConfig.smoothing  # e.g. 0.7: selection weight count ** -0.7 (needs token counts)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mlm_prob <= 1.0:

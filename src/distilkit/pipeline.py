@@ -11,10 +11,14 @@ Stages, in order (each writes its outputs under RUN_DIR, then a stamp in RUN_DIR
     bench     parameters and inference speed                               RUN_DIR/bench/bench.json
     report    report.md, report.json, report.png                           RUN_DIR/
 
-The corpus comes before adaptation because adapting needs text. A stamp holds a hash of the stage's
-config and of the stamps it depends on; a stage whose stamp matches is skipped. `--from STAGE` redoes
-that stage and all after it. A run killed mid-stage restarts that stage (distillation and adaptation
-continue from their last checkpoint; fine-tuning restarts at the first unfinished task).
+The corpus comes before adaptation because adapting needs text. The preset is typed and checked whole
+when it loads (every section, variant and task), so a typo stops before any stage runs. A stage's key
+is a hash of its resolved config and of the key before it; its stamp holds the key, and a stage whose
+stamp matches is skipped. The resumable stages (adapt, distill, each variant) also record their key in
+their folder when they start: a killed run continues from its last checkpoint only when that key is the
+current one; a folder made with other settings (or forced by `--from STAGE`, which redoes that stage and
+all after it) is moved to RUN_DIR/.trash/ and deleted once the stage completes. Fine-tuning restarts
+at the first unfinished (model, task) pair.
 
 Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1), the training stages (adapt, distill,
 variants) use every process and the others run on the main process only; the run then stops after
@@ -31,11 +35,14 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CONFIG_DIR, apply_overrides, from_dict, read_yaml, to_dict
+from .baselines import BASELINES
+from .config import (AdaptConfig, DistillConfig, FinetuneConfig, apply_overrides, from_dict, preset_file, preset_names,
+                     read_yaml, to_dict)
 from .utils import DistilkitError, atomic_write_json, atomic_write_text, provenance, sha256_file, use_gpu
 
 STAGES = ["corpus", "adapt", "student", "distill", "variants", "finetune", "export", "bench", "report"]
@@ -62,9 +69,9 @@ class StudentSection:
 @dataclass
 class FinetuneSection:
     tasks: list[str] = field(default_factory=lambda: ["cola", "mrpc", "sst2", "imdb"])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    common: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for every task
-    per_task: dict[str, Any] = field(default_factory=dict)  # task -> FinetuneConfig fields
+    seeds: list[int] = field(default_factory=lambda: FinetuneConfig().seeds)  # FinetuneConfig's default
+    common: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for every task (checked at load)
+    per_task: dict[str, Any] = field(default_factory=dict)  # task -> FinetuneConfig fields (checked at load)
     teacher: bool = True  # false: fine-tune the students only (e.g. an ablation run; no retention column)
     baselines: list[str] = field(default_factory=list)  # students without distillation, fine-tuned like the others:
     # "no_kd" (same init, same tokens, masked-LM loss only) and/or "cut_only" (the initial student, not pre-trained)
@@ -93,7 +100,7 @@ class VariantSection:
     label: str = ""
     paper_key: str | None = None  # key in the paper's table4_ablation_delta_macro
     init: str = "teacher"  # teacher: layers copied from the teacher; random: fresh weights; none: no distillation
-    distill: dict[str, Any] = field(default_factory=dict)  # overrides of the main distill config
+    distill: dict[str, Any] = field(default_factory=dict)  # overrides of the main distill config (checked at load)
     tasks: list[str] | None = None  # default: all tasks
     seeds: list[int] | None = None
 
@@ -102,26 +109,152 @@ class VariantSection:
 class ReproduceConfig:
     teacher: str = "minilm"
     adapt: str = "auto"  # auto: only when the teacher has no MLM head; always; never
-    adapt_config: dict[str, Any] = field(default_factory=dict)  # AdaptConfig fields
+    adapt_config: AdaptConfig = field(default_factory=AdaptConfig)
     student: StudentSection = field(default_factory=StudentSection)
     corpus: CorpusSection = field(default_factory=CorpusSection)
-    distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields
+    distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     variants: list[VariantSection] = field(default_factory=list)
     bench: BenchSection = field(default_factory=BenchSection)
     export: ExportSection = field(default_factory=ExportSection)
 
 
+ADAPT_MODES = ("auto", "always", "never")
+VARIANT_INITS = ("teacher", "random", "none")
+
+
 def load_preset(preset: str | Path, overrides: list[str] | None = None) -> ReproduceConfig:
-    """A preset is `configs/<name>.yaml` or a path to a YAML file; `overrides` are `a.b=value`."""
-    path = Path(preset)
+    """A preset is a name shipped in the package (`distilkit/presets/<name>.yaml`) or a YAML file; `overrides`
+    are `a.b=value`. The whole preset, every variant and every task's fine-tuning config is checked here,
+    before any stage runs (`check_preset`)."""
+    path: Any = Path(preset)
+    where = str(preset)
     if not path.is_file():
-        path = CONFIG_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise DistilkitError(f"unknown preset '{preset}': expected one of {known} or a YAML file")
-    cfg = from_dict(ReproduceConfig, read_yaml(path), str(path))
-    return apply_overrides(cfg, overrides)
+        path = preset_file(str(preset))
+        if path is None:
+            raise DistilkitError(f"unknown preset '{preset}': expected one of {preset_names()} or a YAML file")
+        where = f"preset {preset} (presets/{preset}.yaml)"
+    cfg = from_dict(ReproduceConfig, read_yaml(path), where)
+    check_preset(cfg, where)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        check_preset(cfg, f"{where} with --set {' '.join(overrides)}")
+    return cfg
+
+
+def variant_distill(cfg: ReproduceConfig, variant: VariantSection, where: str = "config") -> DistillConfig:
+    """A variant's distillation config: the main `distill` section with the variant's overrides."""
+    return from_dict(DistillConfig, {**to_dict(cfg.distill), **variant.distill}, f"{where}: variants.{variant.name}.distill")
+
+
+def finetune_config(f: FinetuneSection, task: str, seeds: list[int] | None = None, where: str = "config") -> FinetuneConfig:
+    """One task's fine-tuning config: FinetuneConfig defaults < `common` < `per_task[task]`; seeds: `seeds` if
+    given (a variant's), else per_task[task].seeds, else finetune.seeds."""
+    per = f.per_task.get(task) or {}
+    fields = {**f.common, **per, "seeds": seeds or per.get("seeds", f.seeds)}
+    return from_dict(FinetuneConfig, fields, f"{where}: finetune.per_task.{task}")
+
+
+def finetune_tasks(cfg: ReproduceConfig) -> list[str]:
+    """Every task some model is fine-tuned on, plus those with a per_task entry, in a stable order."""
+    names = [*cfg.finetune.tasks, *cfg.finetune.per_task]
+    for v in cfg.variants:
+        names += v.tasks or []
+    return list(dict.fromkeys(names))
+
+
+def check_preset(cfg: ReproduceConfig, where: str = "config") -> None:
+    """Raise a one-line DistilkitError naming the preset and the key for anything a stage would reject.
+
+    Names, keys and types first (no heavy import: a typo fails within a second), then the stages' own value
+    checks (distill.check_config, finetune's), called rather than copied.
+    """
+    from .tasks import TASKS
+
+    def fail(key: str, message: str) -> DistilkitError:
+        return DistilkitError(f"{where}: {key}: {message}")
+
+    def known(key: str, names: list[str] | dict, allowed: Any) -> None:
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise fail(key, f"unknown task(s) {bad}; expected among {sorted(allowed)}")
+
+    if cfg.adapt not in ADAPT_MODES:
+        raise fail("adapt", f"expected one of {list(ADAPT_MODES)}, got '{cfg.adapt}'")
+    s = cfg.student
+    if s.layers is not None and (not s.layers or min(s.layers) < 0 or len(set(s.layers)) != len(s.layers)):
+        raise fail("student.layers", f"expected distinct teacher layer indices >= 0, got {s.layers}")
+    if s.every < 1:
+        raise fail("student.every", f"expected a positive integer, got {s.every}")
+    c = cfg.corpus
+    if not c.train:
+        raise fail("corpus.train", "expected at least one file (paths relative to the data dir)")
+    if c.block_size < 8:
+        raise fail("corpus.block_size", f"expected at least 8 tokens, got {c.block_size}")
+    if c.max_lines is not None and c.max_lines < 1:
+        raise fail("corpus.max_lines", f"expected a positive number of lines or null, got {c.max_lines}")
+    f = cfg.finetune
+    if not f.tasks:
+        raise fail("finetune.tasks", "expected at least one task")
+    known("finetune.tasks", f.tasks, TASKS)
+    known("finetune.per_task", f.per_task, TASKS)
+    for name in f.baselines:
+        if name not in BASELINES:
+            raise fail("finetune.baselines", f"unknown baseline '{name}', expected any of {sorted(BASELINES)}")
+    if not f.seeds:
+        raise fail("finetune.seeds", "expected at least one seed")
+    if "seeds" in f.common:
+        raise fail("finetune.common.seeds", "set finetune.seeds (or finetune.per_task.<task>.seeds) instead")
+    from_dict(FinetuneConfig, f.common, f"{where}: finetune.common")
+    for task, fields in f.per_task.items():
+        if not isinstance(fields, dict):
+            raise fail(f"finetune.per_task.{task}", f"expected a mapping of FinetuneConfig fields, got {fields!r}")
+    names = [v.name for v in cfg.variants]
+    for v in cfg.variants:
+        key = f"variants.{v.name or '?'}"
+        if not v.name or v.name in ("teacher", "student", *BASELINES) or names.count(v.name) > 1:
+            raise fail(key, f"each variant needs a unique name other than teacher, student, {', '.join(BASELINES)}")
+        if v.init not in VARIANT_INITS:
+            raise fail(f"{key}.init", f"expected one of {list(VARIANT_INITS)}, got '{v.init}'")
+        known(f"{key}.tasks", v.tasks or [], TASKS)
+        if v.seeds is not None and not v.seeds:
+            raise fail(f"{key}.seeds", "expected at least one seed, or null for finetune's")
+    if cfg.bench.task not in TASKS:
+        raise fail("bench.task", f"unknown task '{cfg.bench.task}'; expected among {sorted(TASKS)}")
+    if cfg.bench.rounds < 1 or (cfg.bench.max_sentences is not None and cfg.bench.max_sentences < 1):
+        raise fail("bench", "rounds and max_sentences must be positive")
+    known("export.tasks", cfg.export.tasks, TASKS)
+    resolved = {t: finetune_config(f, t, where=where) for t in finetune_tasks(cfg)}  # unknown keys, types
+    variants = {v.name: variant_distill(cfg, v, where) for v in cfg.variants}
+
+    from .distill import check_config  # the value checks of the stages themselves (these import torch)
+    from .finetune import _check_config
+
+    def value_check(key: str, check: Callable[[Any], None], obj: Any) -> None:
+        try:
+            check(obj)
+        except DistilkitError as exc:
+            raise fail(key, str(exc)) from None
+
+    value_check("adapt_config", check_config, cfg.adapt_config)
+    value_check("distill", check_config, cfg.distill)
+    for name, dcfg in variants.items():
+        value_check(f"variants.{name}.distill", check_config, dcfg)
+    for task, fcfg in resolved.items():
+        value_check(f"finetune.per_task.{task}" if task in f.per_task else f"finetune ({task})", _check_config, fcfg)
+    for v in cfg.variants:
+        for task in v.tasks or f.tasks:
+            value_check(f"variants.{v.name}.seeds", _check_config, finetune_config(f, task, v.seeds, where))
+
+
+def resolved_config(cfg: ReproduceConfig) -> dict[str, Any]:
+    """The preset as `--show-config` prints it: every section typed and defaulted, each task's fine-tuning
+    config and each variant's distillation config in full. Loading it back gives the same run."""
+    out = to_dict(cfg)
+    out["finetune"]["per_task"] = {t: to_dict(finetune_config(cfg.finetune, t)) for t in finetune_tasks(cfg)}
+    for v, section in zip(cfg.variants, out["variants"]):
+        section["distill"] = to_dict(variant_distill(cfg, v))
+    return out
 
 
 # =========================================================================== stamps
@@ -171,10 +304,12 @@ class Pipeline:
         self.stamps = Stamps(self.run)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.keys: dict[str, str] = {}
+        self.force: set[str] = set()  # stages named by --from and after: their folders are moved aside
         self.summary: list[dict] = []
         self.state: Any = None  # accelerate.PartialState when launched with several processes
         if not self.data.is_dir():
             raise DistilkitError(f"{self.data}: data directory not found")
+        check_preset(cfg, preset or "config")  # load_preset checked it already; a config built in code too
 
     # ---- paths
     @property
@@ -206,6 +341,7 @@ class Pipeline:
         self.run.mkdir(parents=True, exist_ok=True)
         if from_stage is not None:
             self.stamps.clear_from(from_stage)
+            self.force = set(STAGES[STAGES.index(from_stage):])
         world = int(os.environ.get("WORLD_SIZE", "1"))
         state = None
         if world > 1:
@@ -244,6 +380,7 @@ class Pipeline:
         seconds = time.perf_counter() - t0
         if not quiet:
             self.stamps.write(name, key, seconds, outputs or {})
+            self._empty_trash(name)
             self._note(name, "done", seconds, outputs.get("note", "") if outputs else "")
 
     def _note(self, name: str, status: str, seconds: float, detail: str) -> None:
@@ -251,16 +388,19 @@ class Pipeline:
         self.log(f"[reproduce] {name:<9} {status:<8} {seconds:8.1f}s  {detail}".rstrip())
 
     def _stage_config(self, name: str) -> Any:
+        """What a stage's key hashes (with the key of the stage before it): its resolved, typed config."""
         from .baselines import baseline_variants  # built like the ablation variants: part of their stage's key
 
         c = self.cfg
+        resolved = resolved_config(c)
         return {
-            "corpus": {"teacher": c.teacher, **to_dict(c.corpus)},
-            "adapt": {"mode": c.adapt, "config": c.adapt_config},
-            "student": to_dict(c.student),
-            "distill": c.distill,
-            "variants": [to_dict(v) for v in c.variants + baseline_variants(c)],
-            "finetune": to_dict(c.finetune),
+            "corpus": {"teacher": c.teacher, **resolved["corpus"]},
+            "adapt": {"mode": c.adapt, "config": resolved["adapt_config"]},
+            "student": resolved["student"],
+            "distill": resolved["distill"],
+            "variants": resolved["variants"] + [{**to_dict(v), "distill": to_dict(variant_distill(c, v))}
+                                                for v in baseline_variants(c)],
+            "finetune": {**resolved["finetune"], "common": None},  # per_task holds every task's full config
             "export": to_dict(c.export),
             "bench": to_dict(c.bench),
             "report": {},
@@ -279,11 +419,52 @@ class Pipeline:
             "command": self.command,
             "preset": self.preset,
             "data_dir": str(self.data),
-            "config": to_dict(self.cfg),
+            "config": resolved_config(self.cfg),  # as --show-config prints it
             "seeds": self.cfg.finetune.seeds,
             "data_checksums": checksums,
             **provenance(),
         })
+
+    # ---- stage folders: resumed only when made with the same key
+    def _claim(self, folder: Path, key: str, stage: str) -> None:
+        """Make `folder` this stage's: record `key` in it when the stage starts.
+
+        A folder that carries another key (or none), or any folder of a stage forced by `--from`, is moved
+        to RUN_DIR/.trash/<stage>-<time> (deleted once the stage completes), so checkpoints are resumed
+        only when they were made with the current settings. Main process only.
+        """
+        marker = folder / STAGE_KEY_FILE
+        if folder.exists():
+            try:
+                found = json.loads(marker.read_text()).get("key")
+            except (OSError, ValueError, AttributeError):
+                found = None
+            if found == key and stage.split("-")[0] not in self.force:
+                return
+            trash = self.run / ".trash" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while trash.exists():
+                n += 1
+                trash = trash.with_name(f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, trash)
+            why = "--from" if found == key else "made with other settings" if found else "no stage key"
+            self.log(f"[reproduce] {stage}: {folder} set aside ({why}) as {trash}; deleted once {stage} completes")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"stage": stage, "key": key})
+
+    def _empty_trash(self, stage: str) -> None:
+        trash = self.run / ".trash"
+        for p in trash.glob(f"{stage}-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            trash.rmdir()  # only when empty
+
+    def _claim_all(self, folder: Path, key: str, stage: str) -> None:
+        """`_claim` on the main process, the others waiting for it (torchrun / accelerate launch)."""
+        with self._main_first():
+            if self.is_main:
+                self._claim(folder, key, stage)
 
     # ---- stages
     def stage_corpus(self, key: str) -> dict:
@@ -329,17 +510,15 @@ class Pipeline:
         from .models import has_mlm_head, resolve_model
 
         mode = self.cfg.adapt
-        if mode not in ("auto", "always", "never"):
-            raise DistilkitError(f"adapt: expected auto, always or never, got '{mode}'")
         teacher = resolve_model(self.cfg.teacher)
         if mode == "never" or (mode == "auto" and has_mlm_head(teacher)):
             return {"teacher": teacher, "note": "teacher has an MLM head: not adapted"}
         from .adapt import adapt_teacher
-        from .config import AdaptConfig
 
         out = self.run / "teacher"
-        acfg = from_dict(AdaptConfig, self.cfg.adapt_config, "adapt_config")
-        result = adapt_teacher(self.cfg.teacher, str(self.corpus_dir), str(out), acfg, resume=_has_checkpoint(out))
+        self._claim_all(out, key, "adapt")
+        with _fresh_start_is_fine():
+            result = adapt_teacher(self.cfg.teacher, str(self.corpus_dir), str(out), self.cfg.adapt_config, resume=True)
         return {"teacher": str(out / "final") if (out / "final").is_dir() else str(out), "note": _adapt_note(result)}
 
     def stage_student(self, key: str) -> dict:
@@ -353,15 +532,16 @@ class Pipeline:
 
     def stage_distill(self, key: str) -> dict:
         out = self.run / "distill"
+        self._claim_all(out, key, "distill")
         result = self._distill(str(self.run / "student_init"), out, self.cfg.distill)
         return {"student": str(out / "final"), "note": _distill_note(result)}
 
-    def _distill(self, student: str, out: Path, overrides: dict) -> dict:
-        from .config import DistillConfig
+    def _distill(self, student: str, out: Path, dcfg: DistillConfig) -> dict:
+        """Distil into `out`, continuing its checkpoints: callers `_claim` `out` (or a folder above it) first."""
         from .distill import distill
 
-        dcfg = from_dict(DistillConfig, overrides, "distill")
-        return distill(self.teacher_dir, student, str(self.corpus_dir), str(out), dcfg, resume=_has_checkpoint(out))
+        with _fresh_start_is_fine():
+            return distill(self.teacher_dir, student, str(self.corpus_dir), str(out), dcfg, resume=True)
 
     def stage_variants(self, key: str) -> dict:
         """Ablation students: each distilled (or not) with its own loss settings and initialisation."""
@@ -374,7 +554,8 @@ class Pipeline:
             if not v.name or v.name in ("teacher", "student"):
                 raise DistilkitError(f"variants: each needs a unique name other than teacher/student, got '{v.name}'")
             vdir = self.run / "variants" / v.name
-            sub_key = _hash({"variant": to_dict(v), "upstream": self.keys["distill"]})
+            sub_key = _hash({"variant": {**to_dict(v), "distill": to_dict(variant_distill(self.cfg, v))},
+                             "upstream": self.keys["distill"]})
             if self.stamps.done(f"variants-{v.name}", sub_key):
                 continue
             if v.init not in ("teacher", "random", "none"):
@@ -383,12 +564,13 @@ class Pipeline:
             init = vdir / "init"
             with self._main_first():  # files are written by the main process only
                 if self.is_main:
+                    self._claim(vdir, sub_key, f"variants-{v.name}")
                     init_student(self.teacher_dir, init, layers=self.cfg.student.layers, every=self.cfg.student.every,
                                  overwrite=True)
                     if v.init == "random":
                         _reinitialise(init)
             if v.init != "none":  # "none": no distillation at all, the cut student is fine-tuned directly
-                self._distill(str(init), vdir / "distill", {**self.cfg.distill, **v.distill})
+                self._distill(str(init), vdir / "distill", variant_distill(self.cfg, v))
             if self.is_main:
                 shutil.rmtree(vdir / "final", ignore_errors=True)
                 shutil.copytree(init if v.init == "none" else vdir / "distill" / "final", vdir / "final")
@@ -466,8 +648,15 @@ class Pipeline:
 # =========================================================================== helpers
 
 
-def _has_checkpoint(out: Path) -> bool:
-    return out.is_dir() and any(p.name.startswith("checkpoint") for p in out.iterdir())
+STAGE_KEY_FILE = ".stage-key.json"  # in a stage's output folder: the key of the stage run that owns it
+
+
+@contextlib.contextmanager
+def _fresh_start_is_fine():
+    """Silence train()'s 'no checkpoint to resume from' warning: a claimed folder without one starts afresh."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no checkpoint to resume from", category=UserWarning)
+        yield
 
 
 def _reinitialise(model_dir: Path) -> None:
