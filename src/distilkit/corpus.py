@@ -108,9 +108,23 @@ class TextSource:
         self.lines = 0
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
+        for lineno, text in self.raw_lines():
+            text = clean_line(text)
+            if text:
+                self.lines += 1
+                yield lineno, text
+
+    def raw_lines(self) -> Iterator[tuple[int, str]]:
+        """Every line as (line_number, text with its line end), decoded as UTF-8 (a leading BOM dropped).
+
+        A file that is not UTF-8, or a truncated/corrupt gzip stream, raises `FILE:LINE: expected ...`.
+        """
         if not self.path.is_file():
             raise fail_at(self.path, None, "no such file")
-        counting = _CountingReader(open(self.path, "rb", buffering=0), self.on_bytes)
+        try:
+            counting = _CountingReader(open(self.path, "rb", buffering=0), self.on_bytes)
+        except OSError as exc:
+            raise fail_at(self.path, None, f"expected a readable file ({exc.strerror or exc})") from None
         buffered = io.BufferedReader(counting, buffer_size=1 << 20)
         is_gzip = buffered.peek(2)[:2] == b"\x1f\x8b"
         stream = gzip.GzipFile(fileobj=buffered, mode="rb") if is_gzip else buffered
@@ -131,10 +145,7 @@ class TextSource:
                         raise fail_at(
                             self.path, lineno, f"expected UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
                         ) from None
-                    text = clean_line(text)
-                    if text:
-                        self.lines += 1
-                        yield lineno, text
+                    yield lineno, text
         finally:
             buffered.close()
         self.sha256 = counting.sha.hexdigest()
