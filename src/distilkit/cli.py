@@ -195,6 +195,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with FinetuneConfig fields (top level or under 'finetune')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--allow-task-mismatch", action="store_true",
+                   help="accept a --distill-from teacher that was not fine-tuned on --task")
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -213,7 +215,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite or None,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    r = finetune(args.model, args.task, args.data_dir, args.out, cfg)
+    r = finetune(args.model, args.task, args.data_dir, args.out, cfg, allow_task_mismatch=args.allow_task_mismatch)
     for s in r["seeds"]:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
         print(f"seed {s['seed']}: {metrics}; {r['score_name']} {s['score']:.2f} "
@@ -221,6 +223,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     sc = r["score"]
     print(f"{r['task']} {r['score_name']}: median {sc['median']:.2f} (min {sc['min']:.2f}, max {sc['max']:.2f}, "
           f"{sc['n']} seed(s)) -> {args.out}/results.json")
+    for split, sc in r.get("also_eval", {}).items():  # MNLI: dev_mismatched beside dev_matched
+        print(f"{r['task']} {split} {r['score_name']}: median {sc['median']:.2f} (min {sc['min']:.2f}, max {sc['max']:.2f})")
     return 0
 
 
@@ -235,6 +239,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     p.add_argument("--max-length", type=int, help="max tokens (default: as fine-tuned, else per task)")
     p.add_argument("--out", help="JSON file to write (default: eval.json beside the model folder, in its parent)")
+    p.add_argument("--allow-task-mismatch", action="store_true",
+                   help="score a model that distilkit did not fine-tune on --task")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -247,11 +253,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out
     if out is None and Path(args.model).is_dir():
         out = str(Path(resolve_model(args.model)).resolve().parent / "eval.json")
-    r = evaluate(args.model, args.task, args.data_dir, args.max_eval,
-                 batch_size=args.batch_size, max_length=args.max_length, out=out)
+    r = evaluate(args.model, args.task, args.data_dir, args.max_eval, batch_size=args.batch_size,
+                 max_length=args.max_length, out=out, allow_task_mismatch=args.allow_task_mismatch)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
     print(f"{r['task']} ({r['n_eval']} examples): {metrics}; {r['score_name']} {r['score']:.2f}"
           + (f" -> {out}" if out else ""))
+    for split, res in r.get("also_eval", {}).items():
+        print(f"{r['task']} {split} ({res['n_eval']} examples): {r['score_name']} {res['score']:.2f}")
     return 0
 
 
