@@ -364,6 +364,26 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
+#: How a full disk shows up: errno ENOSPC/EDQUOT, or the text of torch.save's / safetensors' write errors.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull",
+                   "PytorchStreamWriter failed writing", "inline_container.cc:672] . unexpected pos")
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """'FILE (reason)' when `exc` (or an exception it was raised from) is a full disk or quota, else None."""
+    import errno
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{seen.filename or 'a file'} ({seen.strerror})"
+        text = str(seen)
+        if any(t in text for t in _DISK_FULL_TEXT):
+            return f"a file ({text.splitlines()[0][:120]})"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 COMMANDS = [  # pipeline order, as `distilkit --help` lists them
     _add_prepare_corpus, _add_adapt_teacher, _add_init_student, _add_distill, _add_finetune, _add_evaluate,
     _add_bench, _add_report, _add_reproduce,
@@ -397,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     except DistilkitError as exc:
         print(f"distilkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:  # the environment, not the input: a full disk (exit 1)
+        where = _disk_full(exc)
+        if where is None:
+            raise
+        print(f"distilkit {args.command}: error: disk full while writing {where} (an environment fault, not bad "
+              "input): free some space and run the command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"distilkit {args.command}: interrupted", file=sys.stderr)
         return 130

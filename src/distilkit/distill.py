@@ -132,6 +132,9 @@ def check_corpus_tokenizer(blocks: Any, tokenizer: Any, model: Any, where: str |
     if blocks.vocab_size > model.config.vocab_size:
         raise DistilkitError(f"{where}: corpus vocabulary ({blocks.vocab_size}) is larger than the model's "
                              f"({model.config.vocab_size})")
+    if blocks.block_size > getattr(model.config, "max_position_embeddings", blocks.block_size):
+        raise DistilkitError(f"{where}: blocks of {blocks.block_size} tokens exceed the model's "
+                             f"{model.config.max_position_embeddings} positions: prepare the corpus with a smaller --block-size")
 
 
 # =========================================================================== held-out evaluation
@@ -483,6 +486,8 @@ def train(
     heldout = open_split(corpus, "heldout")
     plan = plan_training(cfg, len(blocks), blocks.block_size, world)
     check_corpus_tokenizer(blocks, task.tokenizer, task.model, corpus)
+    if cfg.smoothing is not None:
+        blocks.token_counts()  # counts.npy is checked before anything is written to OUT
     ckpt = latest_checkpoint(out) if resume else None
     if not resume and out.exists() and any(out.iterdir()):
         raise DistilkitError(f"{out}: output folder exists and is not empty (use --resume to continue it, or another --out)")

@@ -81,9 +81,11 @@ def loading(path: str, what: str):
         yield
     except DistilkitError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError, SafetensorError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         reason = lines[0] if lines else type(exc).__name__
+        if "ignore_mismatched_sizes" in reason:  # transformers' loading report: tensor shapes != config.json
+            reason = "the shapes of the stored weights do not match config.json"
         if _is_local(path):
             raise DistilkitError(f"{path}: cannot load the {what}: {reason}") from None
         raise DistilkitError(
