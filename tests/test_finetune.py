@@ -366,3 +366,16 @@ def test_evaluate_refuses_a_model_of_another_task(tmp_path, data, finetuned_teac
     assert main(["evaluate", "--model", str(model), "--task", "mrpc", "--data-dir", str(data), "--out", str(out),
                  "--allow-task-mismatch"]) == 0
     assert json.loads(out.read_text())["allow_task_mismatch"] is True
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_real_rte_and_stsb_files_finetune(tmp_path, shared_data, tiny_teacher, task):
+    """The real GLUE files of the newly added tasks go through finetune and evaluate (tiny model, small subsets)."""
+    out = tmp_path / task
+    r = finetune(str(tiny_teacher), task, str(shared_data), str(out), quick(epochs=1, max_train=64, max_eval=64))
+    assert r["data"]["train"]["n_total"] == {"rte": 2490, "stsb": 5749}[task]
+    assert r["data"]["eval"]["n_total"] == {"rte": 277, "stsb": 1500}[task] and r["seeds"][0]["n_eval"] == 64
+    assert all(math.isfinite(x) for x in r["seeds"][0]["metrics"].values())
+    ev = evaluate(str(out / "model"), task, str(shared_data), max_eval=64, batch_size=16)
+    assert ev["score"] == pytest.approx(r["seeds"][0]["score"], abs=1e-4)
