@@ -335,3 +335,34 @@ def test_other_errors_still_raise(monkeypatch, tiny_teacher, tmp_path):
     monkeypatch.setattr(DistilBertForMaskedLM, "save_pretrained", broken)
     with pytest.raises(RuntimeError, match="some bug"):
         main(["init-student", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "s")])
+
+
+# --------------------------------------------------------------------------- more flags and paths
+
+
+def test_hub_data_dir_offline(tmp_path, capsys, monkeypatch, student):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "o"
+    line = run(capsys, "finetune", "--model", student, "--task", "sst2", "--data-dir", "hf:", "--out", out)
+    assert "hf:nyu-mll/glue:sst2[train]: expected a dataset the Hugging Face hub can provide" in line
+    assert_nothing_written(out)
+
+
+def test_seeds_with_an_empty_item(tmp_path, capsys, data, student):
+    out = tmp_path / "o"
+    line = run(capsys, "finetune", "--model", student, "--task", "sst2", "--data-dir", data, "--out", out, "--seeds", "1,,2")
+    assert "--seeds: expected comma-separated integers such as 1,2,3, got '1,,2'" in line
+    assert_nothing_written(out)
+
+
+def test_output_path_that_cannot_be_made(tmp_path, capsys, tiny_teacher, student):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    good = tmp_path / "s.txt"
+    good.write_text("the film was good\n")
+    line = run(capsys, "bench", "--teacher", tiny_teacher, "--student", student, "--sentences", good, "--rounds", "1",
+               "--warmup", "0", "--out", blocker / "bench.json")
+    assert line.startswith(f"distilkit bench: error: {blocker}")
+    assert blocker.read_text() == "not a folder"

@@ -417,13 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     except DistilkitError as exc:
         print(f"distilkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as exc:  # the environment, not the input: a full disk (exit 1)
+    except (OSError, RuntimeError) as exc:
         where = _disk_full(exc)
-        if where is None:
-            raise
-        print(f"distilkit {args.command}: error: disk full while writing {where} (an environment fault, not bad "
-              "input): free some space and run the command again", file=sys.stderr)
-        return 1
+        if where is not None:  # the environment, not the input (exit 1)
+            print(f"distilkit {args.command}: error: disk full while writing {where} (an environment fault, not bad "
+                  "input): free some space and run the command again", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # e.g. an --out that cannot be made
+            print(f"distilkit {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"distilkit {args.command}: interrupted", file=sys.stderr)
         return 130

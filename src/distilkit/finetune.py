@@ -92,9 +92,9 @@ def resolve_hparams(cfg: FinetuneConfig, task: Task, max_positions: int) -> HPar
 
 
 def parse_seeds(spec: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]."""
+    """'1,2,3' -> [1, 2, 3] (an empty item such as in '1,,2' is refused)."""
     try:
-        return [int(x) for x in spec.split(",") if x.strip() != ""]
+        return [int(x) for x in spec.split(",")]
     except ValueError:
         raise DistilkitError(f"--seeds: expected comma-separated integers such as 1,2,3, got '{spec}'") from None
 

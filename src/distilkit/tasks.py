@@ -354,8 +354,13 @@ def _load_hub(task: Task, spec: str, split: str) -> list[Example]:
     except ImportError:
         raise DistilkitError("hf: data dirs need the 'datasets' package (pip install datasets)") from None
     split = split_name(task, split)
-    rows = datasets.load_dataset(path, config, split=split_map[split])
     where = f"hf:{path}{':' + config if config else ''}[{split_map[split]}]"
+    try:
+        rows = datasets.load_dataset(path, config, split=split_map[split])
+    except (OSError, ValueError) as exc:  # ConnectionError / offline, no such dataset, config or split
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise DistilkitError(f"{where}: expected a dataset the Hugging Face hub can provide "
+                             f"(offline, or no such dataset/config/split?): {reason}") from None
     out = []
     for i, row in enumerate(rows, start=1):
         texts = [_text(row[f], Path(where), i, f"'{f}'") for f in fields]
