@@ -221,7 +221,6 @@ BAD_CASES = [
     ("mnli", "mnli/train.tsv", 2, "\t".join(["x"] * 11 + ["contradicts"]), "expected label entailment or neutral or contradiction"),
     ("mnli", "mnli/dev_matched.tsv", 1, MNLI_DEV_HEADER.replace("gold_label", "label"), "expected GLUE's header row"),
     ("qnli", "qnli/dev.tsv", 4, "3\t\tan answer\tentailment", "expected a non-empty text in column 2"),
-    ("qqp", "qqp/train.tsv", 5, "1\t2\t3\tonly one question\t1", "expected 6 tab-separated columns"),
     ("qqp", "qqp/dev.tsv", 2, "1\t2\t3\tq one\tq two\tyes", "expected label 0 or 1, got 'yes'"),
 ]
 
@@ -364,3 +363,24 @@ def test_non_utf8_and_truncated_gzip_name_file_and_line(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-30])
     with pytest.raises(DistilkitError, match=re.escape(f"{shard}:") + r"\d+: expected a readable gzip stream"):
         load_split("imdb", root, "eval")
+
+
+def test_qqp_skips_a_few_broken_rows_as_in_glue(tmp_path):
+    """GLUE's QQP train.tsv has a question split over two lines and two empty questions: skipped, with a warning."""
+    root = write_task_files(tmp_path, n_train=40, n_dev=8)
+    path = root / "qqp/train.tsv"
+    lines = path.read_text().split("\n")
+    lines[5] = "5\t10\t11\tHow do I learn\tthis question was"  # split over two lines, as line 97,931 of GLUE's file
+    lines.insert(6, "\tcut in two?\t0")
+    lines[10] = "9\t18\t19\tHow can I create an Android app?\t\t0"  # an empty question2
+    path.write_text("\n".join(lines))
+    with pytest.warns(UserWarning, match=re.escape(f"{path}: skipped 3 broken row(s), as GLUE's qqp file has a few "
+                                                   "(line 6: expected 6 tab-separated columns")):
+        got = load_split("qqp", root, "train")
+    assert len(got) == 40 - 2 and all(e.text_a.strip() and e.text_b.strip() for e in got)
+    path.write_text("\n".join(lines[:1] + ["1\t2\tjunk"] * 11 + lines[1:]))  # more than a few: an error
+    with pytest.raises(DistilkitError, match=re.escape(f"{path}:2: expected 6 tab-separated columns") + r".*\(14 broken rows, more than a few to skip\)"):
+        load_split("qqp", root, "train")
+    _corrupt(root, "qnli/train.tsv", 4, "3\t\tan answer\tentailment")  # other tasks stay strict
+    with pytest.raises(DistilkitError, match="qnli/train.tsv:4: expected a non-empty text in column 2"):
+        load_split("qnli", root, "train")

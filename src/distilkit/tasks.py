@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,9 @@ class TsvFormat:
     text: tuple[str, ...]
     label: str
     header: bool = True
+    #: Skip (with a warning) up to `MAX_SKIPPED` rows with a wrong column count or an empty text, instead of
+    #: stopping: GLUE's own QQP train.tsv has a question split over two lines and two empty questions.
+    skip_broken_rows: bool = False
 
     @property
     def describe(self) -> str:
@@ -206,7 +210,7 @@ _TASK_LIST = [
           "label"), ("question", "sentence"), labels=("entailment", "not_entailment"), **_ACCURACY),
     _glue("qqp", "QQP (GLUE), F1 and accuracy; paper score = their mean.",
           TsvFormat(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), ("question1", "question2"),
-                    "is_duplicate"), ("question1", "question2"), label_names=("not_duplicate", "duplicate"),
+                    "is_duplicate", skip_broken_rows=True), ("question1", "question2"), label_names=("not_duplicate", "duplicate"),
           metric_names=("f1", "accuracy"), score_name="mean(f1, acc) x100",
           metric_fn=f1_and_accuracy, score_fn=_mean_x100("f1", "accuracy")),
     Task(
@@ -297,6 +301,10 @@ def _text(raw: object, path: Path, line: int, what: str) -> str:
     return raw
 
 
+#: At most this many broken rows (or 0.1% of the rows, if more) are skipped where `TsvFormat.skip_broken_rows`.
+MAX_SKIPPED = 10
+
+
 def _read_tsv(task: Task, path: Path) -> list[Example]:
     """Rows split at tabs, no quoting (GLUE's sentences contain bare quotes); see `TsvFormat` for the header check."""
     fmt = task.tsv
@@ -304,6 +312,7 @@ def _read_tsv(task: Task, path: Path) -> list[Example]:
     wanted = (*fmt.text, fmt.label)
     width, cols = len(fmt.names), [fmt.names.index(n) for n in wanted]
     out: list[Example] = []
+    skipped: list[tuple[int, str]] = []  # (line, what was expected)
     for line, raw in TextSource(path).raw_lines():
         raw = raw.rstrip("\r\n")
         if not raw:  # blank line
@@ -317,9 +326,22 @@ def _read_tsv(task: Task, path: Path) -> list[Example]:
             continue
         if len(row) != width:
             layout = fmt.describe if width == len(fmt.names) else "as many as the header"
-            raise fail_at(path, line, f"expected {width} tab-separated columns ({layout}), got {len(row)}")
-        texts = [_text(row[c], path, line, f"text in column {c + 1}") for c in cols[:-1]]
+            problem = f"expected {width} tab-separated columns ({layout}), got {len(row)}"
+        else:
+            problem = next((f"expected a non-empty text in column {c + 1}" for c in cols[:-1] if not row[c].strip()), "")
+        if problem and not fmt.skip_broken_rows:
+            raise fail_at(path, line, problem)
+        if problem:
+            skipped.append((line, problem))
+            continue
+        texts = [row[c] for c in cols[:-1]]
         out.append(Example(texts[0], texts[1] if len(texts) > 1 else None, _label(task, row[cols[-1]], path, line)))
+    if len(skipped) > max(MAX_SKIPPED, len(out) // 1000):
+        raise fail_at(path, skipped[0][0], f"{skipped[0][1]} ({len(skipped)} broken rows, more than a few to skip)")
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} broken row(s), as GLUE's {task.name} file has a few "
+                      f"(line {skipped[0][0]}: {skipped[0][1]}{', ...' if len(skipped) > 1 else ''})",
+                      UserWarning, stacklevel=2)
     return out
 
 
