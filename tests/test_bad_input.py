@@ -82,7 +82,7 @@ def assert_nothing_written(out: Path) -> None:
 
 def _no_tokenizer(d: Path) -> None:
     for f in d.iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
+        if f.name not in ("config.json", "model.safetensors", "distilkit_finetune.json"):
             f.unlink()
 
 
@@ -91,7 +91,7 @@ def _tiny_vocab(d: Path) -> None:  # tokenizer files present but degenerate: onl
 
     for f in d.glob("tokenizer*"):
         f.unlink()
-    (d / "vocab.txt").unlink()
+    (d / "vocab.txt").unlink(missing_ok=True)
     BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}).save_pretrained(d)
 
 
@@ -135,15 +135,22 @@ def test_bad_teacher_folder_init_student(tmp_path, capsys, tiny_teacher, name, c
 
 
 @pytest.mark.parametrize("name", ["no_tokenizer", "tiny_vocab"])
-def test_missing_or_degenerate_tokenizer_everywhere(tmp_path, capsys, tiny_teacher, tiny_text_file, data, name):
+def test_missing_or_degenerate_tokenizer_everywhere(tmp_path, capsys, tiny_teacher, tiny_text_file, data, sst2_model, name):
     """Before the fix prepare-corpus, finetune and evaluate all exited 0 with every word [UNK]."""
     change = dict((c[0], c[1]) for c in MODEL_CASES)[name]
     model = _variant(tiny_teacher, tmp_path / name, change)
     out = tmp_path / "out"
-    run(capsys, "prepare-corpus", "--tokenizer", model, "--input", tiny_text_file, "--out", out, "--block-size", "32")
+    expected = f"{model}: expected tokenizer files" if name == "no_tokenizer" else f"{model}: expected a tokenizer covering"
+    line = run(capsys, "prepare-corpus", "--tokenizer", model, "--input", tiny_text_file, "--out", out, "--block-size", "32")
+    assert expected in line
     assert_nothing_written(out)
-    run(capsys, "finetune", "--model", model, "--task", "sst2", "--data-dir", data, "--out", out, "--epochs", "1")
+    line = run(capsys, "finetune", "--model", model, "--task", "sst2", "--data-dir", data, "--out", out, "--epochs", "1")
+    assert expected in line
     assert_nothing_written(out)
+    finetuned = _variant(sst2_model, tmp_path / "ft" / "model", change)
+    line = run(capsys, "evaluate", "--model", finetuned, "--task", "sst2", "--data-dir", data)
+    assert f"{finetuned}: expected" in line and "tokenizer" in line
+    assert not (finetuned.parent / "eval.json").exists()
 
 
 def test_unknown_hub_id_offline(tmp_path, capsys, monkeypatch):
