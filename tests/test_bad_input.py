@@ -173,6 +173,10 @@ def test_evaluate_wrong_task_keeps_the_right_eval_json(tmp_path, capsys, data, s
     assert f"{sst2_model}: the model was fine-tuned on sst2 (its distilkit_finetune.json), not mrpc" in line
     assert "--allow-task-mismatch" in line
     assert eval_json.read_bytes() == before
+    # asked for explicitly: scored, into a file of its own (the SST-2 eval.json still untouched)
+    assert main(["evaluate", "--model", str(sst2_model), "--task", "mrpc", "--data-dir", str(data), "--allow-task-mismatch"]) == 0
+    assert json.loads((sst2_model.parent / "eval-mrpc.json").read_text())["task"] == "mrpc"
+    assert eval_json.read_bytes() == before
 
 
 def test_distill_from_wrong_or_unfinetuned_teacher(tmp_path, capsys, data, student, tiny_teacher, sst2_model):

@@ -238,7 +238,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-eval", type=int, help="use a seeded random subset of N evaluation examples")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     p.add_argument("--max-length", type=int, help="max tokens (default: as fine-tuned, else per task)")
-    p.add_argument("--out", help="JSON file to write (default: eval.json beside the model folder, in its parent)")
+    p.add_argument("--out", help="JSON file to write (default: eval.json beside the model folder, in its parent; "
+                                 "eval-TASK.json with --allow-task-mismatch)")
     p.add_argument("--allow-task-mismatch", action="store_true",
                    help="score a model that distilkit did not fine-tune on --task")
     p.set_defaults(func=_cmd_evaluate)
@@ -247,12 +248,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .finetune import evaluate
+    from .finetune import evaluate, finetune_meta
     from .models import resolve_model
 
     out = args.out
-    if out is None and Path(args.model).is_dir():
-        out = str(Path(resolve_model(args.model)).resolve().parent / "eval.json")
+    if out is None and Path(args.model).is_dir():  # eval.json; eval-TASK.json for a task it was not fine-tuned on
+        path = resolve_model(args.model)
+        same = finetune_meta(path).get("task") in (None, args.task)
+        out = str(Path(path).resolve().parent / ("eval.json" if same else f"eval-{args.task}.json"))
     r = evaluate(args.model, args.task, args.data_dir, args.max_eval, batch_size=args.batch_size,
                  max_length=args.max_length, out=out, allow_task_mismatch=args.allow_task_mismatch)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
