@@ -120,7 +120,7 @@ class TextSource:
         A file that is not UTF-8, or a truncated/corrupt gzip stream, raises `FILE:LINE: expected ...`.
         """
         if not self.path.is_file():
-            raise fail_at(self.path, None, "no such file")
+            raise fail_at(self.path, None, _not_a_file(self.path))
         try:
             counting = _CountingReader(open(self.path, "rb", buffering=0), self.on_bytes)
         except OSError as exc:
@@ -150,6 +150,10 @@ class TextSource:
             buffered.close()
         self.sha256 = counting.sha.hexdigest()
         self.nbytes = counting.nbytes
+
+
+def _not_a_file(path: Path) -> str:
+    return "expected a text file, got a folder" if path.is_dir() else "no such file"
 
 
 def clean_line(line: str) -> str:
@@ -282,7 +286,7 @@ def prepare_corpus(
         raise DistilkitError("prepare-corpus: expected at least one input file")
     for path in inputs + heldout_inputs:
         if not Path(path).is_file():
-            raise fail_at(path, None, "no such file")
+            raise fail_at(path, None, _not_a_file(Path(path)))
     if block_size < 3:
         raise DistilkitError(f"prepare-corpus: block_size must be >= 3 ([CLS] + tokens + [SEP]), got {block_size}")
     if not 0.0 <= heldout_fraction < 1.0:
