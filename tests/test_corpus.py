@@ -299,6 +299,9 @@ def test_cli_prepare_corpus(tiny_teacher, tiny_text_file, tmp_path, capsys):
     for argv, needle in [
         (["--input", str(tiny_text_file), "--out", str(out)], "output folder exists"),
         (["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")], "nope.txt: no such file"),
+        (["--input", str(tmp_path), "--out", str(tmp_path / "d")], f"{tmp_path}: expected a text file, got a folder"),
+        (["--input", str(tiny_text_file), "--out", str(tmp_path / "d"), "--block-size", "1000"],
+         "block_size 1000 exceeds the 128 positions of the model"),
     ]:
         rc = main(["prepare-corpus", "--tokenizer", str(tiny_teacher), "--no-progress", *argv])
         err = capsys.readouterr().err

@@ -230,17 +230,22 @@ def test_distill_from_teacher(tmp_path, data, student, finetuned_teachers, task)
 
 
 def test_distill_from_checks_teacher(tmp_path, data, student, finetuned_teachers):
-    with pytest.raises(DistilkitError, match=r"expected a teacher fine-tuned on stsb \(1 output\(s\)\), got 2"):
+    with pytest.raises(DistilkitError, match=r"the --distill-from teacher was fine-tuned on sst2 \(its distilkit_finetune.json\), not stsb"):
         finetune(str(student), "stsb", str(data), str(tmp_path / "x"), quick(distill_from=str(finetuned_teachers["sst2"])))
+    with pytest.raises(DistilkitError, match=r"expected a teacher fine-tuned on stsb \(1 output\(s\)\), got 2"):
+        finetune(str(student), "stsb", str(data), str(tmp_path / "x"), quick(distill_from=str(finetuned_teachers["sst2"])),
+                 allow_task_mismatch=True)
+    with pytest.raises(DistilkitError, match=r"expected a model fine-tuned on sst2 \(no distilkit_finetune.json"):
+        finetune(str(student), "sst2", str(data), str(tmp_path / "x"), quick(distill_from=str(student)))
     from transformers import AutoTokenizer, BertTokenizerFast
 
     other = tmp_path / "other_vocab"  # the same teacher with a tokenizer missing three word pieces
     shutil.copytree(finetuned_teachers["sst2"], other)
     vocab = AutoTokenizer.from_pretrained(other).get_vocab()
-    (tmp_path / "v.txt").write_text("\n".join(sorted(vocab, key=vocab.get)[:-3]) + "\n")
+    kept = sorted(vocab, key=vocab.get)[:-3]
     for f in other.glob("tokenizer*"):
         f.unlink()
-    BertTokenizerFast(vocab_file=str(tmp_path / "v.txt")).save_pretrained(other)
+    BertTokenizerFast(vocab={tok: i for i, tok in enumerate(kept)}).save_pretrained(other)  # 5.x: `vocab`, not `vocab_file`
     with pytest.raises(DistilkitError, match="vocabulary differs from the student's"):
         finetune(str(student), "sst2", str(data), str(tmp_path / "y"), quick(distill_from=str(other)))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -321,3 +326,56 @@ def test_cli_config_file_section_and_flag_precedence(tmp_path, data, student):
     r = json.loads((out / "results.json").read_text())
     assert (r["config"]["epochs"], r["config"]["batch_size"], r["config"]["max_train"]) == (1, 4, 12)
     assert r["seeds"][0]["steps"] == 3 and r["saved_models"] == {} and not (out / "model").exists()
+
+
+# --------------------------------------------------------------------------- MNLI's two dev sets, task checks
+
+
+def test_mnli_scores_matched_and_mismatched(tmp_path, data, student):
+    out = tmp_path / "mnli"
+    r = finetune(str(student), "mnli", str(data), str(out), quick(max_eval=20))
+    _check_results(r, "mnli", student, out, data, quick(max_eval=20))
+    seed = r["seeds"][0]
+    assert r["eval_split"] == "dev_matched" and r["data"]["eval"]["split"] == "dev_matched"
+    assert list(r["data"]["eval"]["files"]) == ["mnli/dev_matched.tsv"]
+    assert list(r["data"]["dev_mismatched"]["files"]) == ["mnli/dev_mismatched.tsv"]
+    mm = seed["also_eval"]["dev_mismatched"]
+    assert mm["n_eval"] == 20 and mm["score"] == pytest.approx(100 * mm["metrics"]["accuracy"])
+    assert r["also_eval"]["dev_mismatched"] == {"median": mm["score"], "min": mm["score"], "max": mm["score"], "n": 1}
+    # the fixture's two dev files hold the same rows: the same numbers, scored separately
+    assert mm["metrics"] == seed["metrics"]
+    from distilkit.report import read_results
+
+    assert read_results(out / "results.json", "mnli")["median"] == seed["score"]  # matched is the paper's number
+    ev = evaluate(str(out / "model"), "mnli", str(data), max_eval=20, batch_size=16)
+    assert ev["metrics"]["accuracy"] == pytest.approx(seed["metrics"]["accuracy"], abs=1e-6)
+    assert ev["also_eval"]["dev_mismatched"]["metrics"]["accuracy"] == pytest.approx(mm["metrics"]["accuracy"], abs=1e-6)
+
+
+def test_evaluate_refuses_a_model_of_another_task(tmp_path, data, finetuned_teachers, capsys):
+    model = finetuned_teachers["sst2"]
+    eval_json = model.parent / "eval.json"
+    assert main(["evaluate", "--model", str(model), "--task", "sst2", "--data-dir", str(data)]) == 0
+    before = eval_json.read_bytes()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--task", "mrpc", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model was fine-tuned on sst2 (its distilkit_finetune.json), not mrpc" in err
+    assert eval_json.read_bytes() == before  # the SST-2 score is not overwritten
+    out = tmp_path / "mrpc-eval.json"
+    assert main(["evaluate", "--model", str(model), "--task", "mrpc", "--data-dir", str(data), "--out", str(out),
+                 "--allow-task-mismatch"]) == 0
+    assert json.loads(out.read_text())["allow_task_mismatch"] is True
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_real_rte_and_stsb_files_finetune(tmp_path, shared_data, tiny_teacher, task):
+    """The real GLUE files of the newly added tasks go through finetune and evaluate (tiny model, small subsets)."""
+    out = tmp_path / task
+    r = finetune(str(tiny_teacher), task, str(shared_data), str(out), quick(epochs=1, max_train=64, max_eval=64))
+    assert r["data"]["train"]["n_total"] == {"rte": 2490, "stsb": 5749}[task]
+    assert r["data"]["eval"]["n_total"] == {"rte": 277, "stsb": 1500}[task] and r["seeds"][0]["n_eval"] == 64
+    assert all(math.isfinite(x) for x in r["seeds"][0]["metrics"].values())
+    ev = evaluate(str(out / "model"), task, str(shared_data), max_eval=64, batch_size=16)
+    assert ev["score"] == pytest.approx(r["seeds"][0]["score"], abs=1e-4)

@@ -108,8 +108,10 @@ def test_teacher_without_head_gets_fresh_head_and_warning(tiny_teacher_no_head, 
     "extra, message",
     [
         (["--layers", "0,9"], "out of range"),
-        (["--layers", "1,1"], "repeats"),
-        (["--layers", ","], "empty"),
+        (["--layers", "1,1"], "expected teacher layers in increasing order, each once"),
+        (["--layers", "2,0"], "expected teacher layers in increasing order, each once (such as 0,2,4), got '2,0'"),
+        (["--layers", ","], "comma-separated integers"),
+        (["--layers", "0,,2"], "expected comma-separated integers such as 0,2,4, got '0,,2'"),
         (["--layers", "a,b"], "comma-separated integers"),
     ],
 )
@@ -119,6 +121,14 @@ def test_cli_layer_errors_exit_2_with_one_line(tiny_teacher, tmp_path, capsys, e
     assert rc == 2
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "s").exists()
+
+
+def test_parse_layers():
+    from distilkit.student import check_layers, parse_layers
+
+    assert parse_layers("0,2,4,7,9,11") == [0, 2, 4, 7, 9, 11] and parse_layers(" 1 , 3") == [1, 3]
+    with pytest.raises(DistilkitError, match="repeats a layer"):  # the library path (init_student(layers=...))
+        check_layers([1, 1], 4)
 
 
 def test_cli_refuses_non_empty_output_and_non_bert(tiny_teacher, tmp_path, capsys):

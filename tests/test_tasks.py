@@ -25,6 +25,12 @@ BAD = ["the film was bad", "a bad story", "not good , very bad", "bad bad movie"
 MRPC_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"
 STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
 PAIR_HEADER = "index\tsentence1\tsentence2\tlabel"
+MNLI_TRAIN_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+                     "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+MNLI_DEV_HEADER = MNLI_TRAIN_HEADER.replace("label1", "label1\tlabel2\tlabel3\tlabel4\tlabel5")
+QNLI_HEADER = "index\tquestion\tsentence\tlabel"
+QQP_HEADER = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"
+NLI = ["contradiction", "entailment", "neutral"]  # MNLI gold label by (label + i % 2): all three occur
 
 
 def _rows(n: int, seed: int) -> list[tuple[str, str, int]]:
@@ -63,6 +69,13 @@ def write_task_files(root: Path, n_train: int = 48, n_dev: int = 24) -> Path:
         _write(root / "wnli" / f"{split}.tsv", [PAIR_HEADER] + [f"{i}\t{a}\t{b}\t{y}" for i, (a, b, y) in enumerate(rows)])
         stsb = [f"{i}\tmain-news\tfile\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{(4.0 * y + 0.2 * (i % 5)):.3f}" for i, (a, b, y) in enumerate(rows)]
         _write(root / "stsb" / f"{split}.tsv", [STSB_HEADER] + stsb)
+        _write(root / "qnli" / f"{split}.tsv", [QNLI_HEADER] + [f"{i}\t{a} ?\t{b}\t{rte[y]}" for i, (a, b, y) in enumerate(rows)])
+        _write(root / "qqp" / f"{split}.tsv", [QQP_HEADER] + [f"{i}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}\t{y}" for i, (a, b, y) in enumerate(rows)])
+        mnli = lambda i, a, b, y, labels: "\t".join([str(i), "31193n", f"{i}n", "fiction", f"( {a} )", f"( {b} )", f"(ROOT {a})",  # noqa: E731
+                                                    f"(ROOT {b})", a, b, *[NLI[y + i % 2]] * labels])
+        for name, header, labels in ([("train", MNLI_TRAIN_HEADER, 2)] if split == "train" else
+                                     [("dev_matched", MNLI_DEV_HEADER, 6), ("dev_mismatched", MNLI_DEV_HEADER, 6)]):
+            _write(root / "mnli" / f"{name}.tsv", [header] + [mnli(i, a, b, y, labels) for i, (a, b, y) in enumerate(rows)])
     for split, seed in (("train", 2), ("test", 3)):
         rows = _rows(n_train if split == "train" else n_dev, seed)
         for shard in range(2):  # IMDb: gzip JSON lines, several shards
@@ -83,20 +96,22 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 def test_registry_has_every_task_with_consistent_fields():
-    assert set(TASKS) == {"cola", "cola-v1.1", "mrpc", "sst2", "imdb", "rte", "stsb", "wnli"}
+    assert set(TASKS) == {"cola", "cola-v1.1", "mrpc", "sst2", "imdb", "rte", "stsb", "wnli", "mnli", "qnli", "qqp"}
     for name, t in TASKS.items():
         assert get_task(name) is t
         assert t.eval_split in t.splits and "train" in t.splits
         assert t.num_labels == (1 if t.is_regression else len(t.labels))
     assert TASKS["stsb"].is_regression and TASKS["stsb"].num_labels == 1
-    assert [n for n, t in TASKS.items() if t.is_pair] == ["mrpc", "rte", "stsb", "wnli"]
+    assert [n for n, t in TASKS.items() if t.is_pair] == ["mrpc", "rte", "stsb", "wnli", "mnli", "qnli", "qqp"]
+    assert TASKS["mnli"].eval_split == "dev_matched" and TASKS["mnli"].also_eval == ("dev_mismatched",)
+    assert TASKS["mnli"].num_labels == 3 and TASKS["qqp"].score_name == TASKS["mrpc"].score_name
     assert TASKS["imdb"].eval_split == "test" and TASKS["imdb"].defaults.truncation == "head_tail"
     assert {t.defaults.max_length for n, t in TASKS.items() if n != "imdb"} == {128}
 
 
 def test_unknown_task_lists_known_tasks():
-    with pytest.raises(DistilkitError, match=r"unknown task 'qqp'; known tasks: cola, cola-v1.1, mrpc"):
-        get_task("qqp")
+    with pytest.raises(DistilkitError, match=r"unknown task 'qqp2'; known tasks: cola, cola-v1.1, mrpc"):
+        get_task("qqp2")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -149,11 +164,15 @@ def test_load_every_task(task_dir, name):
     rows = _rows(48, 2 if name == "imdb" else 0)
     if name == "imdb":  # shards hold every other row
         rows = rows[0::2] + rows[1::2]
-    for ex, (a, b, y) in zip(train, rows):
+    for i, (ex, (a, b, y)) in enumerate(zip(train, rows)):
         if name == "imdb":
             assert ex.text_a == f"{a} <br /><br /> {b} . {a}" and ex.text_b is None and ex.label == y
         elif name == "stsb":
             assert (ex.text_a, ex.text_b) == (a, b) and isinstance(ex.label, float) and 0 <= ex.label <= 5
+        elif name == "mnli":
+            assert (ex.text_a, ex.text_b, ex.label) == (a, b, t.labels.index(NLI[y + i % 2]))
+        elif name == "qnli":
+            assert (ex.text_a, ex.text_b, ex.label) == (a + " ?", b, y)
         else:
             assert ex.text_a.strip() == a and ex.text_b == (b if t.is_pair else None) and ex.label == y
 
@@ -193,7 +212,16 @@ BAD_CASES = [
     ("rte", "rte/dev.tsv", 3, "1\ta\tb\tentails", "expected label entailment or not_entailment, got 'entails'"),
     ("stsb", "stsb/train.tsv", 6, "\t".join(["1"] * 7 + ["a", "b", "5.5"]), "expected a score between 0 and 5, got '5.5'"),
     ("stsb", "stsb/dev.tsv", 2, "\t".join(["1"] * 9), "expected 10 tab-separated columns"),
-    ("wnli", "wnli/train.tsv", 1, "index\tsentence1\tsentence2", "expected 4 tab-separated columns"),
+    ("wnli", "wnli/train.tsv", 1, "index\tsentence1\tsentence2", "expected GLUE's header row naming the columns"),
+    # a GLUE file without its header row would silently lose its first example
+    ("rte", "rte/train.tsv", 1, "0\tA man sleeps.\tA man rests.\tentailment", "expected GLUE's header row naming the "
+     "columns (index, sentence1, sentence2, label), got '0\tA man sleeps."),
+    ("sst2", "sst2/dev.tsv", 1, "a fine film\t1", "expected GLUE's header row"),
+    ("mnli", "mnli/dev_mismatched.tsv", 3, "\t".join(["x"] * 12), "expected 16 tab-separated columns (as many as the header), got 12"),
+    ("mnli", "mnli/train.tsv", 2, "\t".join(["x"] * 11 + ["contradicts"]), "expected label entailment or neutral or contradiction"),
+    ("mnli", "mnli/dev_matched.tsv", 1, MNLI_DEV_HEADER.replace("gold_label", "label"), "expected GLUE's header row"),
+    ("qnli", "qnli/dev.tsv", 4, "3\t\tan answer\tentailment", "expected a non-empty text in column 2"),
+    ("qqp", "qqp/dev.tsv", 2, "1\t2\t3\tq one\tq two\tyes", "expected label 0 or 1, got 'yes'"),
 ]
 
 
@@ -208,7 +236,7 @@ def _corrupt(root: Path, rel: str, line: int, text: str) -> None:
 def test_malformed_tsv_names_file_and_line(tmp_path, task, rel, line, text, expected):
     root = write_task_files(tmp_path, n_train=12, n_dev=8)
     _corrupt(root, rel, line, text)
-    split = "train" if "train" in rel else "eval"
+    split = "train" if "train" in rel else Path(rel).stem if task == "mnli" else "eval"
     with pytest.raises(DistilkitError) as err:
         load_split(task, root, split)
     assert str(err.value) == f"{root / rel}:{line}: " + str(err.value).split(": ", 1)[1]
@@ -254,10 +282,10 @@ def test_cli_bad_data_exits_2_with_one_line(tmp_path, tiny_teacher, capsys, comm
 
 
 def test_cli_unknown_task_exits_2(tmp_path, tiny_teacher, capsys):
-    rc = main(["finetune", "--model", str(tiny_teacher), "--task", "qnli", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    rc = main(["finetune", "--model", str(tiny_teacher), "--task", "qnli2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown task 'qnli'; known tasks: cola, cola-v1.1, mrpc, sst2, rte, stsb, wnli, imdb" in err
+    assert err.count("\n") == 1 and "unknown task 'qnli2'; known tasks: cola, cola-v1.1, mrpc, sst2, rte, stsb, wnli, mnli, qnli, qqp, imdb" in err
 
 
 # --------------------------------------------------------------------------- truncation
@@ -287,6 +315,7 @@ def test_head_tail_truncation():
         ("mrpc", "train", 3668, 2474), ("mrpc", "dev", 408, 279),
         ("sst2", "train", 67349, 37569), ("sst2", "dev", 872, 444),
         ("imdb", "test", 25000, 12500),
+        ("rte", "train", 2490, 1241), ("rte", "dev", 277, 131),  # label 1 = not_entailment
     ],
 )
 def test_real_data_counts(shared_data, name, split, n, n_pos):
@@ -295,3 +324,63 @@ def test_real_data_counts(shared_data, name, split, n, n_pos):
     assert sum(e.label for e in examples) == n_pos
     assert all(isinstance(e, Example) and e.text_a.strip() for e in examples)
     assert all((e.text_b is not None) == get_task(name).is_pair for e in examples)
+
+
+@pytest.mark.data
+def test_real_stsb_scores(shared_data):
+    for split, n in (("train", 5749), ("dev", 1500)):
+        examples = load_split("stsb", shared_data, split)
+        assert len(examples) == n and all(0.0 <= e.label <= 5.0 and e.text_b for e in examples)
+    assert load_split("stsb", shared_data, "dev")[0] == Example(
+        "A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+
+
+# --------------------------------------------------------------------------- MNLI, QNLI, QQP (no real data: fixtures)
+
+
+def test_new_glue_tasks_read_by_header_names(task_dir):
+    rows = _rows(24, 1)
+    for split in ("dev_matched", "dev_mismatched"):  # 16 columns (label1..label5) vs train's 12: same loader
+        got = load_split("mnli", task_dir, split)
+        assert [(e.text_a, e.text_b) for e in got] == [(a, b) for a, b, _ in rows]
+        assert [e.label for e in got] == [TASKS["mnli"].labels.index(NLI[y + i % 2]) for i, (_, _, y) in enumerate(rows)]
+    assert load_split("mnli", task_dir, "eval") == load_split("mnli", task_dir, "dev_matched")
+    assert len(load_split("mnli", task_dir, "train")) == 48
+    qnli = load_split("qnli", task_dir, "eval")
+    assert qnli[0] == Example(rows[0][0] + " ?", rows[0][1], rows[0][2])  # not_entailment = 1, as in the file
+    qqp = load_split("qqp", task_dir, "eval")
+    assert [(e.text_a, e.text_b, e.label) for e in qqp] == rows
+
+
+def test_non_utf8_and_truncated_gzip_name_file_and_line(tmp_path):
+    root = write_task_files(tmp_path, n_train=12, n_dev=8)
+    path = root / "sst2/dev.tsv"
+    path.write_bytes(path.read_bytes().replace(b"the film", "thé film".encode("latin-1"), 1))
+    line = path.read_bytes().split(b"\n").index(next(x for x in path.read_bytes().split(b"\n") if b"th\xe9" in x)) + 1
+    with pytest.raises(DistilkitError, match=re.escape(f"{path}:{line}: expected UTF-8 text")):
+        load_split("sst2", root, "eval")
+    shard = root / "imdb/test-00001-of-00002.jsonl.gz"
+    shard.write_bytes(shard.read_bytes()[:-30])
+    with pytest.raises(DistilkitError, match=re.escape(f"{shard}:") + r"\d+: expected a readable gzip stream"):
+        load_split("imdb", root, "eval")
+
+
+def test_qqp_skips_a_few_broken_rows_as_in_glue(tmp_path):
+    """GLUE's QQP train.tsv has a question split over two lines and two empty questions: skipped, with a warning."""
+    root = write_task_files(tmp_path, n_train=40, n_dev=8)
+    path = root / "qqp/train.tsv"
+    lines = path.read_text().split("\n")
+    lines[5] = "5\t10\t11\tHow do I learn\tthis question was"  # split over two lines, as line 97,931 of GLUE's file
+    lines.insert(6, "\tcut in two?\t0")
+    lines[10] = "9\t18\t19\tHow can I create an Android app?\t\t0"  # an empty question2
+    path.write_text("\n".join(lines))
+    with pytest.warns(UserWarning, match=re.escape(f"{path}: skipped 3 broken row(s), as GLUE's qqp file has a few "
+                                                   "(line 6: expected 6 tab-separated columns")):
+        got = load_split("qqp", root, "train")
+    assert len(got) == 40 - 2 and all(e.text_a.strip() and e.text_b.strip() for e in got)
+    path.write_text("\n".join(lines[:1] + ["1\t2\tjunk"] * 11 + lines[1:]))  # more than a few: an error
+    with pytest.raises(DistilkitError, match=re.escape(f"{path}:2: expected 6 tab-separated columns") + r".*\(14 broken rows, more than a few to skip\)"):
+        load_split("qqp", root, "train")
+    _corrupt(root, "qnli/train.tsv", 4, "3\t\tan answer\tentailment")  # other tasks stay strict
+    with pytest.raises(DistilkitError, match="qnli/train.tsv:4: expected a non-empty text in column 2"):
+        load_split("qnli", root, "train")

@@ -15,7 +15,6 @@ their median, min and max, and the speedup as a ratio of medians.
 
 from __future__ import annotations
 
-import gzip
 import inspect
 import logging
 import os
@@ -27,10 +26,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
+from transformers import AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
 from . import tasks
-from .models import count_parameters, has_mlm_head, load_tokenizer, resolve_model
+from .corpus import TextSource
+from .models import count_parameters, has_mlm_head, load_config, load_pretrained, load_tokenizer, resolve_model
 from .utils import DistilkitError, fail_at, model_fingerprint, provenance, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,18 @@ def read_sentences_file(path: str | os.PathLike) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise DistilkitError(f"{path}: no such sentences file")
-    opener = gzip.open if path.suffix == ".gz" else open
     examples: list[Example] = []
-    with opener(path, "rt", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) > 2 or not parts[0].strip():
-                raise fail_at(path, lineno, "one sentence, or two separated by a tab "
-                                            "(for a GLUE TSV use --task TASK --data-dir D)")
-            examples.append((parts[0], parts[1] if len(parts) == 2 else None))
+    for lineno, line in TextSource(path).raw_lines():  # UTF-8 (gzip accepted); other bytes: FILE:LINE error
+        line = line.rstrip("\r\n")
+        if "\x00" in line:
+            raise fail_at(path, lineno, "expected text, found a NUL byte (a binary file?)")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 2 or not parts[0].strip():
+            raise fail_at(path, lineno, "one sentence, or two separated by a tab "
+                                        "(for a GLUE TSV use --task TASK --data-dir D)")
+        examples.append((parts[0], parts[1] if len(parts) == 2 else None))
     return examples
 
 
@@ -218,22 +218,27 @@ def bench(
     `warmup` examples are run untimed at batch 1 and in one batch of `batch_size` per model first.
     Returns the bench.json dict (teacher, student, speedup_bs1, speedup_bs32, param_ratio, ...).
     """
-    if rounds < 1:
-        raise DistilkitError(f"--rounds must be >= 1, got {rounds}")
+    for flag, value, least in (("--rounds", rounds, 1), ("--batch-size", batch_size, 1), ("--warmup", warmup, 0),
+                               ("--threads", threads, 1), ("max_length", max_length, 3)):
+        if value is not None and value < least:
+            raise DistilkitError(f"{flag} must be >= {least}, got {value}")
     if not sentences:
         raise DistilkitError("no sentences to time")
     if threads is not None:
         torch.set_num_threads(threads)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DistilkitError(f"--device: expected a torch device such as cpu or cuda:0, got '{device}'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DistilkitError(f"--device {device}: CUDA is not available")
 
     models: dict[str, dict[str, Any]] = {}
     for role, name in (("teacher", teacher), ("student", student)):
         path = resolve_model(name)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = load_config(path)
         params, params_head = param_counts(config, has_mlm_head(path))
-        model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(dev).eval()
+        model = load_pretrained(AutoModel, path, role).to(dev).eval()
         loaded = count_parameters(model)
         if loaded != params:
             raise DistilkitError(f"{name}: loaded encoder has {loaded} parameters, its config says {params}")

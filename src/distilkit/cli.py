@@ -195,6 +195,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with FinetuneConfig fields (top level or under 'finetune')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--allow-task-mismatch", action="store_true",
+                   help="accept a --distill-from teacher that was not fine-tuned on --task")
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -213,7 +215,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite or None,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    r = finetune(args.model, args.task, args.data_dir, args.out, cfg)
+    r = finetune(args.model, args.task, args.data_dir, args.out, cfg, allow_task_mismatch=args.allow_task_mismatch)
     for s in r["seeds"]:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
         print(f"seed {s['seed']}: {metrics}; {r['score_name']} {s['score']:.2f} "
@@ -221,6 +223,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     sc = r["score"]
     print(f"{r['task']} {r['score_name']}: median {sc['median']:.2f} (min {sc['min']:.2f}, max {sc['max']:.2f}, "
           f"{sc['n']} seed(s)) -> {args.out}/results.json")
+    for split, sc in r.get("also_eval", {}).items():  # MNLI: dev_mismatched beside dev_matched
+        print(f"{r['task']} {split} {r['score_name']}: median {sc['median']:.2f} (min {sc['min']:.2f}, max {sc['max']:.2f})")
     return 0
 
 
@@ -234,24 +238,31 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-eval", type=int, help="use a seeded random subset of N evaluation examples")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     p.add_argument("--max-length", type=int, help="max tokens (default: as fine-tuned, else per task)")
-    p.add_argument("--out", help="JSON file to write (default: eval.json beside the model folder, in its parent)")
+    p.add_argument("--out", help="JSON file to write (default: eval.json beside the model folder, in its parent; "
+                                 "eval-TASK.json with --allow-task-mismatch)")
+    p.add_argument("--allow-task-mismatch", action="store_true",
+                   help="score a model that distilkit did not fine-tune on --task")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .finetune import evaluate
+    from .finetune import evaluate, finetune_meta
     from .models import resolve_model
 
     out = args.out
-    if out is None and Path(args.model).is_dir():
-        out = str(Path(resolve_model(args.model)).resolve().parent / "eval.json")
-    r = evaluate(args.model, args.task, args.data_dir, args.max_eval,
-                 batch_size=args.batch_size, max_length=args.max_length, out=out)
+    if out is None and Path(args.model).is_dir():  # eval.json; eval-TASK.json for a task it was not fine-tuned on
+        path = resolve_model(args.model)
+        same = finetune_meta(path).get("task") in (None, args.task)
+        out = str(Path(path).resolve().parent / ("eval.json" if same else f"eval-{args.task}.json"))
+    r = evaluate(args.model, args.task, args.data_dir, args.max_eval, batch_size=args.batch_size,
+                 max_length=args.max_length, out=out, allow_task_mismatch=args.allow_task_mismatch)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
     print(f"{r['task']} ({r['n_eval']} examples): {metrics}; {r['score_name']} {r['score']:.2f}"
           + (f" -> {out}" if out else ""))
+    for split, res in r.get("also_eval", {}).items():
+        print(f"{r['task']} {split} ({res['n_eval']} examples): {r['score_name']} {res['score']:.2f}")
     return 0
 
 
@@ -364,6 +375,26 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 # =========================================================================== entry point
 
+#: How a full disk shows up: errno ENOSPC/EDQUOT, or the text of torch.save's / safetensors' write errors.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull",
+                   "PytorchStreamWriter failed writing", "inline_container.cc:672] . unexpected pos")
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """'FILE (reason)' when `exc` (or an exception it was raised from) is a full disk or quota, else None."""
+    import errno
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{seen.filename or 'a file'} ({seen.strerror})"
+        text = str(seen)
+        if any(t in text for t in _DISK_FULL_TEXT):
+            return f"a file ({text.splitlines()[0][:120]})"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 COMMANDS = [  # pipeline order, as `distilkit --help` lists them
     _add_prepare_corpus, _add_adapt_teacher, _add_init_student, _add_distill, _add_finetune, _add_evaluate,
     _add_bench, _add_report, _add_reproduce,
@@ -397,6 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     except DistilkitError as exc:
         print(f"distilkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:
+        where = _disk_full(exc)
+        if where is not None:  # the environment, not the input (exit 1)
+            print(f"distilkit {args.command}: error: disk full while writing {where} (an environment fault, not bad "
+                  "input): free some space and run the command again", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # e.g. an --out that cannot be made
+            print(f"distilkit {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"distilkit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -108,9 +108,23 @@ class TextSource:
         self.lines = 0
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
+        for lineno, text in self.raw_lines():
+            text = clean_line(text)
+            if text:
+                self.lines += 1
+                yield lineno, text
+
+    def raw_lines(self) -> Iterator[tuple[int, str]]:
+        """Every line as (line_number, text with its line end), decoded as UTF-8 (a leading BOM dropped).
+
+        A file that is not UTF-8, or a truncated/corrupt gzip stream, raises `FILE:LINE: expected ...`.
+        """
         if not self.path.is_file():
-            raise fail_at(self.path, None, "no such file")
-        counting = _CountingReader(open(self.path, "rb", buffering=0), self.on_bytes)
+            raise fail_at(self.path, None, _not_a_file(self.path))
+        try:
+            counting = _CountingReader(open(self.path, "rb", buffering=0), self.on_bytes)
+        except OSError as exc:
+            raise fail_at(self.path, None, f"expected a readable file ({exc.strerror or exc})") from None
         buffered = io.BufferedReader(counting, buffer_size=1 << 20)
         is_gzip = buffered.peek(2)[:2] == b"\x1f\x8b"
         stream = gzip.GzipFile(fileobj=buffered, mode="rb") if is_gzip else buffered
@@ -131,14 +145,15 @@ class TextSource:
                         raise fail_at(
                             self.path, lineno, f"expected UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
                         ) from None
-                    text = clean_line(text)
-                    if text:
-                        self.lines += 1
-                        yield lineno, text
+                    yield lineno, text
         finally:
             buffered.close()
         self.sha256 = counting.sha.hexdigest()
         self.nbytes = counting.nbytes
+
+
+def _not_a_file(path: Path) -> str:
+    return "expected a text file, got a folder" if path.is_dir() else "no such file"
 
 
 def clean_line(line: str) -> str:
@@ -262,7 +277,7 @@ def prepare_corpus(
     decided by a numpy generator seeded with `seed`, in stream order) or `heldout_inputs` (separate
     files packed into their own stream). The folder appears atomically, complete, or not at all.
     """
-    from .models import load_tokenizer, resolve_model
+    from .models import load_config, load_tokenizer, resolve_model
 
     started = time.time()
     inputs = [str(p) for p in inputs]
@@ -271,7 +286,7 @@ def prepare_corpus(
         raise DistilkitError("prepare-corpus: expected at least one input file")
     for path in inputs + heldout_inputs:
         if not Path(path).is_file():
-            raise fail_at(path, None, "no such file")
+            raise fail_at(path, None, _not_a_file(Path(path)))
     from .utils import check_output_not_input  # an --out that is or holds an input would destroy it (--overwrite)
     check_output_not_input(out, tokenizer, *inputs, *heldout_inputs)
     if block_size < 3:
@@ -291,6 +306,10 @@ def prepare_corpus(
     max_len = tok.model_max_length
     if max_len is not None and max_len < 1_000_000 and block_size > max_len:
         raise DistilkitError(f"prepare-corpus: block_size {block_size} exceeds the tokenizer's model_max_length {max_len}")
+    positions = getattr(load_config(resolve_model(tokenizer)), "max_position_embeddings", None)
+    if isinstance(positions, int) and block_size > positions:
+        raise DistilkitError(f"prepare-corpus: block_size {block_size} exceeds the {positions} positions of the model "
+                             f"{tokenizer} (config.json max_position_embeddings)")
     vocab_size = len(tok)
     dtype = dtype_for_vocab(vocab_size)
     body = block_size - 2
@@ -417,15 +436,20 @@ class BlockCorpus:
             raise fail_at(meta_path, getattr(exc, "lineno", None), "expected valid JSON") from None
         if self.meta.get("format") != FORMAT or self.meta.get("format_version") != FORMAT_VERSION:
             raise fail_at(meta_path, None, f"expected {FORMAT} version {FORMAT_VERSION}")
-        if split not in self.meta["splits"]:
-            raise DistilkitError(f"{self.path}: no '{split}' split (have: {', '.join(self.meta['splits'])})")
-        self.split = split
-        self.block_size: int = int(self.meta["block_size"])
-        self.vocab_size: int = int(self.meta["vocab_size"])
-        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        info = self.meta["splits"][split]
-        self._shard_files = [s["file"] for s in info["shards"]]
-        self._shard_blocks = [int(s["blocks"]) for s in info["shards"]]
+        try:
+            if split not in self.meta["splits"]:
+                raise DistilkitError(f"{self.path}: no '{split}' split (have: {', '.join(self.meta['splits'])})")
+            self.split = split
+            self.block_size: int = int(self.meta["block_size"])
+            self.vocab_size: int = int(self.meta["vocab_size"])
+            self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            info = self.meta["splits"][split]
+            self._shard_files = [s["file"] for s in info["shards"]]
+            self._shard_blocks = [int(s["blocks"]) for s in info["shards"]]
+            self.meta["special_ids"]["all"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise fail_at(meta_path, None, f"expected the fields distilkit prepare-corpus writes ({type(exc).__name__}: "
+                                           f"{exc}); prepare the corpus again") from None
         self._offsets = np.cumsum([0] + self._shard_blocks)
         self._maps: list[np.memmap] | None = None
         for name, n in zip(self._shard_files, self._shard_blocks):
@@ -486,7 +510,14 @@ class BlockCorpus:
 
     def token_counts(self) -> np.ndarray:
         """(vocab_size,) int64 token counts over the train split (the same for every split's reader)."""
-        counts = np.load(self.path / "counts.npy", allow_pickle=False)
+        path = self.path / "counts.npy"
+        if not path.is_file():
+            raise fail_at(path, None, "expected the token counts that masking smoothing needs (not found: prepare the "
+                                      "corpus again, or set smoothing to null)")
+        try:
+            counts = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise fail_at(path, None, f"expected a .npy array of int64 token counts ({exc})") from None
         if counts.shape != (self.vocab_size,) or counts.dtype != np.int64:
             raise fail_at(self.path / "counts.npy", None, f"expected int64 counts of shape ({self.vocab_size},)")
         return counts

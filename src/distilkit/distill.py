@@ -143,6 +143,9 @@ def check_corpus_tokenizer(blocks: Any, tokenizer: Any, model: Any, where: str |
     if blocks.vocab_size > model.config.vocab_size:
         raise DistilkitError(f"{where}: corpus vocabulary ({blocks.vocab_size}) is larger than the model's "
                              f"({model.config.vocab_size})")
+    if blocks.block_size > getattr(model.config, "max_position_embeddings", blocks.block_size):
+        raise DistilkitError(f"{where}: blocks of {blocks.block_size} tokens exceed the model's "
+                             f"{model.config.max_position_embeddings} positions: prepare the corpus with a smaller --block-size")
 
 
 # =========================================================================== held-out evaluation
@@ -437,14 +440,16 @@ def _setup(task: TrainTask, corpus: str | os.PathLike, out: Path, cfg: TrainConf
     )
     _check_world(accelerator)
     main = accelerator.is_main_process
-    if main:
-        how = "resolved from auto" if cfg.mixed_precision == "auto" else "as configured"
-        print(f"{task.kind}: mixed precision {precision} ({how}) on {accelerator.device}", file=sys.stderr)
 
     blocks = open_split(corpus, "train")
     heldout = open_split(corpus, "heldout")
     plan = plan_training(cfg, len(blocks), blocks.block_size, accelerator.num_processes)
     check_corpus_tokenizer(blocks, task.tokenizer, task.model, corpus)
+    if cfg.smoothing is not None:
+        blocks.token_counts()  # counts.npy is checked before anything is written to OUT
+    if main:  # after the input checks: a bad input gets its one-line error alone
+        how = "resolved from auto" if cfg.mixed_precision == "auto" else "as configured"
+        print(f"{task.kind}: mixed precision {precision} ({how}) on {accelerator.device}", file=sys.stderr)
     identity = checkpoint.run_identity(
         teacher_fingerprint=model_fingerprint(task.teacher) if task.teacher is not None else None,
         initial_fingerprint=model_fingerprint(task.model), corpus_meta=blocks.meta, block_size=blocks.block_size,

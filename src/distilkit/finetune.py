@@ -33,7 +33,7 @@ from .baselines import majority_baseline
 from .config import FinetuneConfig, to_dict
 from .distill import param_groups
 from .losses import kl_distill
-from .models import resolve_model
+from .models import load_config, load_pretrained, load_tokenizer, loading, resolve_model
 from .tasks import Example, Task, get_task, load_split, split_files, split_name, truncate_ids
 from .utils import DistilkitError, atomic_dir, atomic_write_json, check_output_not_input, model_fingerprint, progress, provenance, reset_accelerate_state, set_seed, sha256_file, use_gpu
 
@@ -87,9 +87,9 @@ def resolve_hparams(cfg: FinetuneConfig, task: Task, max_positions: int) -> HPar
 
 
 def parse_seeds(spec: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]."""
+    """'1,2,3' -> [1, 2, 3] (an empty item such as in '1,,2' is refused)."""
     try:
-        return [int(x) for x in spec.split(",") if x.strip() != ""]
+        return [int(x) for x in spec.split(",")]
     except ValueError:
         raise DistilkitError(f"--seeds: expected comma-separated integers such as 1,2,3, got '{spec}'") from None
 
@@ -230,10 +230,7 @@ def load_classifier(path: str, task: Task | None = None):
             kwargs["problem_type"] = "single_label_classification"
             kwargs["id2label"] = dict(enumerate(names))
             kwargs["label2id"] = {n: i for i, n in enumerate(names)}
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise DistilkitError(f"{path}: cannot load as a sequence classifier ({str(exc).splitlines()[0]})") from None
+    return load_pretrained(AutoModelForSequenceClassification, path, "sequence classifier", **kwargs)
 
 
 def max_positions(config) -> int:
@@ -259,8 +256,9 @@ def checkpoint_fingerprint(path: str) -> str | None:
     if not files:
         return None
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
+    with loading(path, "model weights"):
+        for f in files:
+            tensors.update(load_file(str(f)))
     return model_fingerprint(_Tensors(tensors))
 
 
@@ -385,11 +383,14 @@ def train(
 # =========================================================================== finetune
 
 
-def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
+def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig | None = None, *,
+             allow_task_mismatch: bool = False) -> dict[str, Any]:
     """`distilkit finetune`: fine-tune `model` on `task` once per seed; write `out/results.json` and the
-    first seed's model to `out/model/` (see `FinetuneConfig.save_models`). Returns the results dict."""
-    from transformers import AutoConfig, AutoTokenizer
+    first seed's model to `out/model/` (see `FinetuneConfig.save_models`). Returns the results dict.
 
+    Tasks with further dev sets (MNLI: dev_mismatched beside dev_matched) are scored on each; the main
+    score is that of the task's eval split. A `distill_from` teacher must have been fine-tuned on `task`
+    (its distilkit_finetune.json says so) unless `allow_task_mismatch`."""
     cfg = cfg or FinetuneConfig()
     wall_start = time.perf_counter()
     _check_config(cfg)
@@ -400,19 +401,25 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
     # Data first: bad files fail before anything is loaded or written.
     train_examples = load_split(t, data_dir, "train")
     eval_examples = load_split(t, data_dir, "eval")
+    also_examples = {split: load_split(t, data_dir, split) for split in t.also_eval}
     train_idx = subset_indices(len(train_examples), cfg.max_train, cfg.subset_seed)
     eval_idx = subset_indices(len(eval_examples), cfg.max_eval, cfg.subset_seed)
+    also_idx = {split: subset_indices(len(ex), cfg.max_eval, cfg.subset_seed) for split, ex in also_examples.items()}
     data = {
         "train": _data_record(t, data_dir, "train", len(train_examples), len(train_idx)),
         "eval": _data_record(t, data_dir, "eval", len(eval_examples), len(eval_idx)),
+        **{split: _data_record(t, data_dir, split, len(also_examples[split]), len(idx)) for split, idx in also_idx.items()},
     }
+    teacher_path = None
+    if cfg.distill_from is not None:  # before anything is written: a teacher for another task is refused
+        teacher_path = resolve_model(cfg.distill_from)
+        check_finetuned_on(teacher_path, t, "--distill-from teacher", allow_task_mismatch)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         path = resolve_model(model)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        positions = max_positions(AutoConfig.from_pretrained(path, trust_remote_code=False))
-        teacher = teacher_path = None
-        if cfg.distill_from is not None:
-            teacher_path = resolve_model(cfg.distill_from)
+        tokenizer = load_tokenizer(path)
+        positions = max_positions(load_config(path))
+        teacher = None
+        if teacher_path is not None:
             teacher = _load_teacher(teacher_path, t, tokenizer)
             positions = min(positions, max_positions(teacher.config))
         hp = resolve_hparams(cfg, t, positions)
@@ -420,6 +427,8 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
         log.info("tokenizing %d train and %d eval examples", len(train_idx), len(eval_idx))
         train_feats = tokenize([train_examples[i] for i in train_idx], tokenizer, hp.max_length, hp.truncation)
         eval_feats = tokenize([eval_examples[i] for i in eval_idx], tokenizer, hp.max_length, hp.truncation)
+        also_feats = {split: tokenize([also_examples[split][i] for i in idx], tokenizer, hp.max_length, hp.truncation)
+                      for split, idx in also_idx.items()}
         pad_id = _pad_id(tokenizer)
 
         accelerator = _accelerator(cfg.mixed_precision)
@@ -436,6 +445,7 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
             logits = predict_logits(net, eval_feats, cfg.eval_batch_size, pad_id, accelerator, desc=f"seed {seed} eval")
             eval_wall = time.perf_counter() - start
             metrics, score = score_logits(t, logits, eval_feats.labels)
+            also = _score_also(t, net, also_feats, cfg.eval_batch_size, pad_id, accelerator)
             net = accelerator.unwrap_model(net)
             entry = {
                 "seed": seed,
@@ -446,6 +456,7 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
                 "n_train": len(train_feats),
                 "n_eval": len(eval_feats),
                 "finetuned_fingerprint": model_fingerprint(net),
+                **({"also_eval": also} if also else {}),
             }
             seeds.append(entry)
             log.info("seed %d: %s score %.2f", seed, metrics, score)
@@ -462,8 +473,12 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
         results = {
             **_header(t, model, path),
             "seeds": seeds,
-            "score": {"median": float(np.median(scores)), "min": min(scores), "max": max(scores), "n": len(scores)},
+            "score": _summary(scores),
+            "eval_split": t.eval_split,
+            **({"also_eval": {split: _summary([s["also_eval"][split]["score"] for s in seeds]) for split in t.also_eval}}
+               if t.also_eval else {}),
             "config": to_dict(cfg),
+            "allow_task_mismatch": allow_task_mismatch,
             "hparams": dataclasses.asdict(hp),
             "distill_from_resolved": teacher_path,
             "distill_from_fingerprint": checkpoint_fingerprint(teacher_path) if teacher_path else None,
@@ -478,11 +493,52 @@ def finetune(model: str, task: str, data_dir: str, out: str, cfg: FinetuneConfig
     return results
 
 
+def _summary(scores: list[float]) -> dict[str, Any]:
+    return {"median": float(np.median(scores)), "min": min(scores), "max": max(scores), "n": len(scores)}
+
+
+def _score_also(task: Task, net, feats: dict[str, Features], batch_size: int, pad_id: int, accelerator) -> dict[str, Any]:
+    """Metrics and score on each of the task's further dev sets (`Task.also_eval`; MNLI: dev_mismatched)."""
+    out = {}
+    for split, f in feats.items():
+        metrics, score = score_logits(task, predict_logits(net, f, batch_size, pad_id, accelerator, desc=split), f.labels)
+        out[split] = {"metrics": metrics, "score": score, "n_eval": len(f)}
+    return out
+
+
+def finetune_meta(path: str) -> dict[str, Any]:
+    """The distilkit_finetune.json of a fine-tuned model folder ({} when there is none)."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("hparams", {}), dict):
+        raise DistilkitError(f"{meta_file}: expected a JSON object with the fine-tuning 'task' and 'hparams'")
+    return meta
+
+
+def check_finetuned_on(path: str, task: Task, what: str, allow_mismatch: bool = False) -> None:
+    """Refuse a model that distilkit did not fine-tune on `task` (its distilkit_finetune.json names the task)."""
+    trained = finetune_meta(path).get("task")
+    if trained == task.name or allow_mismatch:
+        return
+    if trained is None:
+        raise DistilkitError(
+            f"{path}: expected a model fine-tuned on {task.name} (no {META_FILE}: fine-tune it first with distilkit "
+            f"finetune --task {task.name}, or pass --allow-task-mismatch to use the {what} anyway)"
+        )
+    raise DistilkitError(
+        f"{path}: the {what} was fine-tuned on {trained} (its {META_FILE}), not {task.name} "
+        "(pass --allow-task-mismatch to use it anyway)"
+    )
+
+
 def _load_teacher(path: str, task: Task, student_tokenizer):
     """A fine-tuned teacher for `distill_from`: same vocabulary as the student, same number of labels."""
-    from transformers import AutoTokenizer
-
-    teacher_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    teacher_tok = load_tokenizer(path)
     if teacher_tok.get_vocab() != student_tokenizer.get_vocab():
         raise DistilkitError(
             f"{path}: the teacher's tokenizer vocabulary differs from the student's; "
@@ -533,31 +589,38 @@ def evaluate(
     max_length: int | None = None,
     subset_seed: int = 0,
     out: str | None = None,
+    allow_task_mismatch: bool = False,
 ) -> dict[str, Any]:
-    """`distilkit evaluate`: score a fine-tuned model on the task's eval split; write JSON to `out` if given.
+    """`distilkit evaluate`: score a fine-tuned model on the task's eval split (and `Task.also_eval`);
+    write JSON to `out` if given.
 
     max_length / truncation default to what the model was fine-tuned with (its `distilkit_finetune.json`),
-    else to the task's defaults.
+    else to the task's defaults. A model fine-tuned on another task (or not by distilkit) is refused unless
+    `allow_task_mismatch`.
     """
-    from transformers import AutoTokenizer
-
     wall_start = time.perf_counter()
     t = get_task(task)
     if max_eval is not None and max_eval < 1:
         raise DistilkitError(f"max_eval: expected a positive number of examples, got {max_eval}")
+    if batch_size < 1:
+        raise DistilkitError(f"batch_size: expected a positive number of examples, got {batch_size}")
     examples = load_split(t, data_dir, "eval")
     idx = subset_indices(len(examples), max_eval, subset_seed)
+    also_examples = {split: load_split(t, data_dir, split) for split in t.also_eval}
 
     path = resolve_model(model)
+    check_finetuned_on(path, t, "model", allow_task_mismatch)
     net = load_classifier(path)
     if net.config.num_labels != t.num_labels:
         raise DistilkitError(f"{path}: model has {net.config.num_labels} output(s), task {t.name} needs {t.num_labels}")
-    meta_file = Path(path) / META_FILE
-    trained = json.loads(meta_file.read_text())["hparams"] if meta_file.is_file() else {}
-    cfg = FinetuneConfig(max_length=max_length or trained.get("max_length"), truncation=trained.get("truncation"))
+    trained = finetune_meta(path).get("hparams", {})
+    cfg = FinetuneConfig(max_length=trained.get("max_length") if max_length is None else max_length,
+                         truncation=trained.get("truncation"))
     hp = resolve_hparams(cfg, t, max_positions(net.config))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = load_tokenizer(path)
     feats = tokenize([examples[i] for i in idx], tokenizer, hp.max_length, hp.truncation)
+    also_feats = {split: tokenize([ex[i] for i in subset_indices(len(ex), max_eval, subset_seed)], tokenizer,
+                                  hp.max_length, hp.truncation) for split, ex in also_examples.items()}
 
     accelerator = _accelerator("auto")
     net = accelerator.prepare_model(net, evaluation_mode=True)
@@ -566,17 +629,23 @@ def evaluate(
     logits = predict_logits(net, feats, batch_size, pad_id, accelerator)
     eval_wall = time.perf_counter() - start
     metrics, score = score_logits(t, logits, feats.labels)
+    also = _score_also(t, net, also_feats, batch_size, pad_id, accelerator)
     results = {
         **_header(t, model, path),
         "metrics": metrics,
         "score": score,
+        "eval_split": t.eval_split,
+        **({"also_eval": also} if also else {}),
+        "allow_task_mismatch": allow_task_mismatch,
         "n_eval": len(feats),
         "eval_examples_per_s": len(feats) / eval_wall,
         "max_eval": max_eval,
         "subset_seed": subset_seed,
         "max_length": hp.max_length,
         "truncation": hp.truncation,
-        "data": {"eval": _data_record(t, data_dir, "eval", len(examples), len(idx))},
+        "data": {"eval": _data_record(t, data_dir, "eval", len(examples), len(idx)),
+                 **{split: _data_record(t, data_dir, split, len(also_examples[split]), res["n_eval"])
+                    for split, res in also.items()}},
         "device": str(accelerator.device),
         "wall_s": time.perf_counter() - wall_start,
         **provenance(),

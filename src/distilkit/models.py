@@ -1,10 +1,16 @@
 """Finding and loading teachers and students (local folders, the bundled MiniLM, or hub ids when online).
 
 Weights are loaded from safetensors only and `trust_remote_code` is never enabled.
+
+Every load goes through `loading()`, which turns what the loaders raise on bad input (a missing or
+corrupt config.json, truncated safetensors, a hub id while offline, ...) into one-line `DistilkitError`s
+naming the folder; `load_tokenizer` also refuses a tokenizer that does not cover the model's vocabulary
+(a folder without tokenizer files otherwise silently gets a 5-token tokenizer that maps every word to [UNK]).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -56,12 +62,80 @@ def resolve_model(name: str | os.PathLike) -> str:
     return name  # hub id; from_pretrained will need the network
 
 
+#: Files that hold a tokenizer's vocabulary (any one of them).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+#: Pickle weight files, which are never loaded.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).is_dir()
+
+
+@contextlib.contextmanager
+def loading(path: str, what: str):
+    """Turn the exceptions of a transformers/safetensors load of `what` from `path` into one-line DistilkitErrors."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except DistilkitError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        if "ignore_mismatched_sizes" in reason:  # transformers' loading report: tensor shapes != config.json
+            reason = "the shapes of the stored weights do not match config.json"
+        if _is_local(path):
+            raise DistilkitError(f"{path}: cannot load the {what}: {reason}") from None
+        raise DistilkitError(
+            f"{path}: no such local folder, and the Hugging Face hub could not provide the {what} "
+            f"(offline, or no such model id): {reason}"
+        ) from None
+
+
+def load_config(path: str):
+    """The model's `config.json` (transformers config object)."""
+    with loading(path, "config (config.json)"):
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+
+
+def load_pretrained(cls, path: str, what: str = "model weights", **kwargs):
+    """`cls.from_pretrained(path)` from safetensors only; a folder holding only pickle weights is refused by name."""
+    if _is_local(path) and not any(Path(path).glob("*.safetensors")):
+        pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in Path(path).glob(pattern))
+        if pickles:
+            raise DistilkitError(
+                f"{path}: expected model.safetensors; {pickles[0]} is a pickle file, which distilkit never loads "
+                "(convert it to safetensors with code you trust)"
+            )
+        raise DistilkitError(f"{path}: expected model weights (model.safetensors) in this folder")
+    with loading(path, what):
+        return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
+
+
 def model_type(path: str) -> str:
-    return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
+    return load_config(path).model_type
 
 
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=False)
+    """The model's tokenizer; refused when its files are missing or it does not cover the model's vocabulary."""
+    path = resolve_model(name)
+    if _is_local(path) and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise DistilkitError(
+            f"{path}: expected tokenizer files beside config.json (one of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer with the model"
+        )
+    with loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    vocab_size = getattr(load_config(path), "vocab_size", None)
+    n = len(tokenizer)
+    if isinstance(vocab_size, int) and not vocab_size // 2 <= n <= vocab_size:
+        raise DistilkitError(
+            f"{path}: expected a tokenizer covering the model's vocabulary of {vocab_size} tokens, got one with {n} "
+            "(missing or mismatched tokenizer files?)"
+        )
+    return tokenizer
 
 
 def _checkpoint_keys(path: str) -> set[str] | None:
@@ -69,22 +143,23 @@ def _checkpoint_keys(path: str) -> set[str] | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    single = folder / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
+    with loading(path, "model weights"):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            return set(json.loads(index.read_text())["weight_map"])
+        single = folder / "model.safetensors"
+        if single.is_file():
+            from safetensors import safe_open
 
-        with safe_open(str(single), "pt") as fh:
-            return set(fh.keys())
+            with safe_open(str(single), "pt") as fh:
+                return set(fh.keys())
     return None
 
 
 def has_mlm_head(path: str) -> bool:
     keys = _checkpoint_keys(path)
     if keys is None:  # hub id: trust the architecture name
-        archs = AutoConfig.from_pretrained(path).architectures or []
+        archs = load_config(path).architectures or []
         return any("MaskedLM" in a or "ForPreTraining" in a for a in archs)
     return any("predictions.transform" in k or "vocab_transform" in k for k in keys)
 
@@ -103,7 +178,7 @@ def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> 
     head = has_mlm_head(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = BertForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        model = load_pretrained(BertForMaskedLM, path, "teacher")
     if not head and warn_missing_head:
         warnings.warn(
             f"teacher {name} has no masked-LM head: a fresh, untrained head was attached. "
@@ -119,7 +194,7 @@ def load_student(name: str | os.PathLike) -> DistilBertForMaskedLM:
     mtype = model_type(path)
     if mtype not in STUDENT_FAMILY:
         raise DistilkitError(f"{name}: student must be a DistilBERT model (model_type 'distilbert'), got '{mtype}'")
-    return DistilBertForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    return load_pretrained(DistilBertForMaskedLM, path, "student")
 
 
 # --------------------------------------------------------------------------- uniform MLM access

@@ -30,10 +30,14 @@ def default_layers(n_teacher_layers: int, every: int = 2) -> list[int]:
 
 
 def parse_layers(spec: str) -> list[int]:
+    """'0,2,4' -> [0, 2, 4]: teacher layers in increasing order, each once (empty items and '2,0' are refused)."""
     try:
-        return [int(x) for x in spec.split(",") if x.strip() != ""]
+        layers = [int(x) for x in spec.split(",")]
     except ValueError:
         raise DistilkitError(f"--layers: expected comma-separated integers such as 0,2,4, got '{spec}'") from None
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise DistilkitError(f"--layers: expected teacher layers in increasing order, each once (such as 0,2,4), got '{spec}'")
+    return layers
 
 
 def check_layers(layers: list[int], n_teacher_layers: int) -> None:

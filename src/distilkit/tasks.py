@@ -1,11 +1,12 @@
-"""Downstream tasks: GLUE (CoLA, MRPC, SST-2, RTE, STS-B, WNLI) and IMDb.
+"""Downstream tasks: GLUE (CoLA, MRPC, SST-2, RTE, STS-B, WNLI, MNLI, QNLI, QQP) and IMDb.
 
 One registry, `TASKS`, maps a task name to a `Task`: where its files are, how to read them,
 its label set, its metric and its "paper score" (the number the DistilBERT paper's Table 1/2 print,
 metric x 100). Loaders check every row and raise `DistilkitError("FILE:LINE: expected ...")` on bad input.
+MNLI is scored on dev_matched (the paper's "MNLI-m"); dev_mismatched is scored beside it (`Task.also_eval`).
 
-GLUE TSVs are read with quoting disabled (`csv.QUOTE_NONE`): their sentences contain bare quotes.
-The MRPC files start with a UTF-8 BOM, which `utf-8-sig` drops.
+GLUE TSVs are split at tabs with no quoting: their sentences contain bare quotes. The MRPC files start
+with a UTF-8 BOM, which is dropped. Files are read as UTF-8 (gzip accepted) by `corpus.TextSource`.
 
 A data dir of the form `hf:` or `hf:PATH[:CONFIG]` loads the task from the Hugging Face hub with the
 optional `datasets` package (online only; `hf:` alone uses the task's usual hub id, e.g. `nyu-mll/glue:cola`).
@@ -13,16 +14,16 @@ optional `datasets` package (online only; `hf:` alone uses the task's usual hub 
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .corpus import TextSource
 from .utils import DistilkitError, fail_at
 
 
@@ -47,13 +48,26 @@ class TaskDefaults:
 
 @dataclass(frozen=True)
 class TsvFormat:
-    """A GLUE-style TSV: column count, whether there is a header, and which columns hold what (0-based)."""
+    """A GLUE-style TSV. `names` are its columns as GLUE's header row names them (documented names where the
+    file has no header, CoLA); `text` and `label` name the columns read.
 
-    columns: int
-    header: bool
-    text_cols: tuple[int, ...]
-    label_col: int
-    describe: str  # the columns, for error messages
+    With a header, the first row must name every column read (a file without its header would otherwise lose
+    its first example); columns are found by name, so MNLI's 12-column train and 16-column dev files share one
+    format. Every later row must have as many columns as the header. Without a header, rows have
+    `len(names)` columns.
+    """
+
+    names: tuple[str, ...]
+    text: tuple[str, ...]
+    label: str
+    header: bool = True
+    #: Skip (with a warning) up to `MAX_SKIPPED` rows with a wrong column count or an empty text, instead of
+    #: stopping: GLUE's own QQP train.tsv has a question split over two lines and two empty questions.
+    skip_broken_rows: bool = False
+
+    @property
+    def describe(self) -> str:
+        return ", ".join(self.names)
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class Task:
     tsv: TsvFormat | None = None  # None: JSON lines (IMDb)
     hub: tuple[str, str | None, dict[str, str], tuple[str, ...]] | None = None  # path, config, split map, text fields
     label_names: tuple[str, ...] = ()  # human names for config.json id2label
+    also_eval: tuple[str, ...] = ()  # further splits scored beside eval_split (MNLI: dev_mismatched)
 
     @property
     def is_regression(self) -> bool:
@@ -82,7 +97,7 @@ class Task:
 
     @property
     def is_pair(self) -> bool:
-        return self.tsv is not None and len(self.tsv.text_cols) == 2
+        return self.tsv is not None and len(self.tsv.text) == 2
 
 
 # =========================================================================== metrics
@@ -134,18 +149,24 @@ def _mean_x100(*names: str) -> Callable[[dict[str, float]], float]:
 
 # =========================================================================== registry
 
-_PAIR = TsvFormat(4, True, (1, 2), 3, "index, sentence1, sentence2, label")
-_COLA = TsvFormat(4, False, (3,), 1, "source, label, author mark, sentence")
+_PAIR = TsvFormat(("index", "sentence1", "sentence2", "label"), ("sentence1", "sentence2"), "label")
+_COLA = TsvFormat(("source", "label", "author mark", "sentence"), ("sentence",), "label", header=False)
+_MNLI = TsvFormat(
+    ("index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse",
+     "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"),  # dev: label1..label5, gold_label
+    ("sentence1", "sentence2"), "gold_label")
 _ACCURACY = dict(metric_names=("accuracy",), score_name="acc x100", metric_fn=accuracy, score_fn=_x100("accuracy"))
 _MCC = dict(metric_names=("matthews_corr",), score_name="mcc x100", metric_fn=matthews, score_fn=_x100("matthews_corr"))
 
 
-def _glue(name: str, description: str, tsv: TsvFormat, fields: tuple[str, ...], **kw) -> Task:
+def _glue(name: str, description: str, tsv: TsvFormat, fields: tuple[str, ...], hub_splits: dict[str, str] | None = None,
+          **kw) -> Task:
     """A GLUE task: `<name>/{train,dev}.tsv` (unless `splits` is given), scored on dev, `nyu-mll/glue` on the hub."""
     kw.setdefault("splits", {"train": (f"{name}/train.tsv",), "dev": (f"{name}/dev.tsv",)})
     kw.setdefault("labels", ("0", "1"))
-    hub = ("nyu-mll/glue", name, {"train": "train", "dev": "validation"}, fields)
-    return Task(name=name, description=description, eval_split="dev", tsv=tsv, hub=hub, **kw)
+    kw.setdefault("eval_split", "dev")
+    hub = ("nyu-mll/glue", name, hub_splits or {"train": "train", "dev": "validation"}, fields)
+    return Task(name=name, description=description, tsv=tsv, hub=hub, **kw)
 
 
 _TASK_LIST = [
@@ -162,21 +183,36 @@ _TASK_LIST = [
         eval_split="dev", tsv=_COLA, labels=("0", "1"), label_names=("unacceptable", "acceptable"), **_MCC,
     ),
     _glue("mrpc", "MRPC (GLUE format), F1 and accuracy; paper score = their mean.",
-          TsvFormat(5, True, (3, 4), 0, "Quality, #1 ID, #2 ID, #1 String, #2 String"), ("sentence1", "sentence2"),
+          TsvFormat(("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), ("#1 String", "#2 String"), "Quality"), ("sentence1", "sentence2"),
           label_names=("not_equivalent", "equivalent"), defaults=TaskDefaults(epochs=5),
           metric_names=("f1", "accuracy"), score_name="mean(f1, acc) x100",
           metric_fn=f1_and_accuracy, score_fn=_mean_x100("f1", "accuracy")),
-    _glue("sst2", "SST-2 (GLUE), accuracy.", TsvFormat(2, True, (0,), 1, "sentence, label"), ("sentence",),
+    _glue("sst2", "SST-2 (GLUE), accuracy.", TsvFormat(("sentence", "label"), ("sentence",), "label"), ("sentence",),
           label_names=("negative", "positive"), **_ACCURACY),
     _glue("rte", "RTE (GLUE), accuracy.", _PAIR, ("sentence1", "sentence2"),
           labels=("entailment", "not_entailment"), **_ACCURACY),
     _glue("stsb", "STS-B (GLUE), regression on 0-5 scores, Pearson and Spearman; paper score = their mean.",
-          TsvFormat(10, True, (7, 8), 9, "index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score"),
+          TsvFormat(("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+                     "score"), ("sentence1", "sentence2"), "score"),
           ("sentence1", "sentence2"), labels=(), metric_names=("pearson", "spearman"),
           score_name="mean(pearson, spearman) x100", metric_fn=pearson_and_spearman,
           score_fn=_mean_x100("pearson", "spearman")),
     _glue("wnli", "WNLI (GLUE), accuracy.", _PAIR, ("sentence1", "sentence2"),
           label_names=("not_entailment", "entailment"), defaults=TaskDefaults(epochs=5), **_ACCURACY),
+    _glue("mnli", "MultiNLI (GLUE), accuracy on dev_matched (the paper's MNLI-m); dev_mismatched scored beside it.",
+          _MNLI, ("premise", "hypothesis"), labels=("entailment", "neutral", "contradiction"),
+          splits={"train": ("mnli/train.tsv",), "dev_matched": ("mnli/dev_matched.tsv",),
+                  "dev_mismatched": ("mnli/dev_mismatched.tsv",)},
+          eval_split="dev_matched", also_eval=("dev_mismatched",),
+          hub_splits={"train": "train", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"},
+          **_ACCURACY),
+    _glue("qnli", "QNLI (GLUE), accuracy.", TsvFormat(("index", "question", "sentence", "label"), ("question", "sentence"),
+          "label"), ("question", "sentence"), labels=("entailment", "not_entailment"), **_ACCURACY),
+    _glue("qqp", "QQP (GLUE), F1 and accuracy; paper score = their mean.",
+          TsvFormat(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), ("question1", "question2"),
+                    "is_duplicate", skip_broken_rows=True), ("question1", "question2"), label_names=("not_duplicate", "duplicate"),
+          metric_names=("f1", "accuracy"), score_name="mean(f1, acc) x100",
+          metric_fn=f1_and_accuracy, score_fn=_mean_x100("f1", "accuracy")),
     Task(
         name="imdb",
         description="IMDb movie reviews (25k train / 25k test), accuracy on the test split.",
@@ -265,42 +301,65 @@ def _text(raw: object, path: Path, line: int, what: str) -> str:
     return raw
 
 
+#: At most this many broken rows (or 0.1% of the rows, if more) are skipped where `TsvFormat.skip_broken_rows`.
+MAX_SKIPPED = 10
+
+
 def _read_tsv(task: Task, path: Path) -> list[Example]:
+    """Rows split at tabs, no quoting (GLUE's sentences contain bare quotes); see `TsvFormat` for the header check."""
     fmt = task.tsv
     assert fmt is not None
+    wanted = (*fmt.text, fmt.label)
+    width, cols = len(fmt.names), [fmt.names.index(n) for n in wanted]
     out: list[Example] = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in reader:
-            line = reader.line_num
-            if not row:  # blank line
-                continue
-            if len(row) != fmt.columns:
-                raise fail_at(path, line, f"expected {fmt.columns} tab-separated columns ({fmt.describe}), got {len(row)}")
-            if fmt.header and line == 1:
-                continue
-            texts = [_text(row[c], path, line, f"text in column {c + 1}") for c in fmt.text_cols]
-            out.append(Example(texts[0], texts[1] if len(texts) > 1 else None, _label(task, row[fmt.label_col], path, line)))
+    skipped: list[tuple[int, str]] = []  # (line, what was expected)
+    for line, raw in TextSource(path).raw_lines():
+        raw = raw.rstrip("\r\n")
+        if not raw:  # blank line
+            continue
+        row = raw.split("\t")
+        if fmt.header and line == 1:
+            if not set(wanted) <= set(row):
+                raise fail_at(path, line, f"expected GLUE's header row naming the columns ({fmt.describe}), "
+                                          f"got '{raw[:60]}'")
+            width, cols = len(row), [row.index(n) for n in wanted]
+            continue
+        if len(row) != width:
+            layout = fmt.describe if width == len(fmt.names) else "as many as the header"
+            problem = f"expected {width} tab-separated columns ({layout}), got {len(row)}"
+        else:
+            problem = next((f"expected a non-empty text in column {c + 1}" for c in cols[:-1] if not row[c].strip()), "")
+        if problem and not fmt.skip_broken_rows:
+            raise fail_at(path, line, problem)
+        if problem:
+            skipped.append((line, problem))
+            continue
+        texts = [row[c] for c in cols[:-1]]
+        out.append(Example(texts[0], texts[1] if len(texts) > 1 else None, _label(task, row[cols[-1]], path, line)))
+    if len(skipped) > max(MAX_SKIPPED, len(out) // 1000):
+        raise fail_at(path, skipped[0][0], f"{skipped[0][1]} ({len(skipped)} broken rows, more than a few to skip)")
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} broken row(s), as GLUE's {task.name} file has a few "
+                      f"(line {skipped[0][0]}: {skipped[0][1]}{', ...' if len(skipped) > 1 else ''})",
+                      UserWarning, stacklevel=2)
     return out
 
 
 def _read_jsonl(task: Task, path: Path) -> list[Example]:
     out: list[Example] = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError:
-                obj = None
-            if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
-                raise fail_at(path, line, "expected a JSON object with fields 'text' and 'label'")
-            label = obj["label"]
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise fail_at(path, line, f"expected label {' or '.join(task.labels)}, got {label!r}")
-            out.append(Example(_text(obj["text"], path, line, "'text'"), None, _label(task, str(label), path, line)))
+    for line, raw in TextSource(path).raw_lines():
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+            raise fail_at(path, line, "expected a JSON object with fields 'text' and 'label'")
+        label = obj["label"]
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise fail_at(path, line, f"expected label {' or '.join(task.labels)}, got {label!r}")
+        out.append(Example(_text(obj["text"], path, line, "'text'"), None, _label(task, str(label), path, line)))
     return out
 
 
@@ -317,8 +376,13 @@ def _load_hub(task: Task, spec: str, split: str) -> list[Example]:
     except ImportError:
         raise DistilkitError("hf: data dirs need the 'datasets' package (pip install datasets)") from None
     split = split_name(task, split)
-    rows = datasets.load_dataset(path, config, split=split_map[split])
     where = f"hf:{path}{':' + config if config else ''}[{split_map[split]}]"
+    try:
+        rows = datasets.load_dataset(path, config, split=split_map[split])
+    except (OSError, ValueError) as exc:  # ConnectionError / offline, no such dataset, config or split
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise DistilkitError(f"{where}: expected a dataset the Hugging Face hub can provide "
+                             f"(offline, or no such dataset/config/split?): {reason}") from None
     out = []
     for i, row in enumerate(rows, start=1):
         texts = [_text(row[f], Path(where), i, f"'{f}'") for f in fields]
