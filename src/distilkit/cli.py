@@ -274,6 +274,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu, as in the paper)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", help="write the result JSON here (e.g. RUN_DIR/bench/bench.json)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction,
+                   help="also time the student as ONNX fp32 and int8 (default: when onnxruntime is installed)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="also time both models in bf16 (default: when the CPU computes bf16 natively)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -285,7 +289,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise DistilkitError("--task needs --data-dir")
     sentences, source = load_sentences(args.sentences, args.task, args.data_dir, args.split, args.max_sentences)
     result = bench(args.teacher, args.student, sentences, source, rounds=args.rounds, batch_size=args.batch_size,
-                   warmup=args.warmup, device=args.device, threads=args.threads)
+                   warmup=args.warmup, device=args.device, threads=args.threads, onnx=args.onnx, bf16=args.bf16)
     if args.out:
         atomic_write_json(args.out, result)
     print("\n".join(summary_lines(result)))
