@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,10 +34,9 @@ def teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student(teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exp") / "student"
-    init_student(teacher, out)
-    return out
+def student(teacher):
+    """The default student (teacher layers 0 and 2), saved beside the teacher."""
+    return Path(init_student(teacher, teacher.parent / "student").out)
 
 
 @pytest.fixture(scope="module")

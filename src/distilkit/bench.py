@@ -11,6 +11,11 @@ timed on the same sentences in the same process:
 After an untimed warm-up, teacher and student are timed alternately for several rounds (the order is
 swapped every round, so slow drift of a shared machine hits both alike); the result keeps every round,
 their median, min and max, and the speedup as a ratio of medians.
+
+Beside the paper's fp32 protocol, extra rows are timed in the same alternated rounds (bench.json "rows",
+each with its speedup over the fp32 teacher): the student's encoder exported to ONNX and run by ONNX
+Runtime in fp32 and dynamic int8 (`export.encoder_runners`; where onnxruntime is installed), and
+teacher and student with bf16 weights (where the CPU computes bf16 natively, `hardware.cpu_has_bf16`).
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def _student_body(info: dict[str, Any]) -> list[str]:
     return [
         "# DistilBERT student (initialised, not yet distilled)", "",
         f"A `DistilBertForMaskedLM` cut from the teacher `{info.get('teacher')}` by "
-        f"[distilkit](https://github.com/) (`init-student`): teacher layers {info.get('layers')} copied, token-type "
+        f"distilkit (`distilkit init-student`): teacher layers {info.get('layers')} copied, token-type "
         "embedding row 0 folded into the position embeddings, MLM head copied.", "",
         f"- parameters: {_m(info.get('student_params'))} (teacher {_m(info.get('teacher_params'))}); "
         f"without the MLM head {_m(info.get('student_params_no_head'))} vs {_m(info.get('teacher_params_no_head'))}",
