@@ -30,7 +30,7 @@ SENTENCES = [("the film was good", None), ("a bad movie", "the story was not ver
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return make_tiny_teacher(tmp_path_factory.mktemp("exp_teacher"), layers=4, hidden=128, ffn=256, seed=3)
+    return make_tiny_teacher(tmp_path_factory.mktemp("exp") / "teacher", layers=4, hidden=128, ffn=256, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +132,18 @@ def test_export_bad_input_one_line_exit_2_nothing_written(student, classifier, t
     from transformers import GPT2Config, GPT2Model
 
     GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(gpt)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((student / name).read_bytes())
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    capsys.readouterr()
     cases = [
         (["--model", str(no_weights)], "no safetensors weights"),
         (["--model", str(tmp_path / "missing")], "no such model folder"),
         (["--model", str(gpt)], "model_type 'gpt2' is not supported"),
+        (["--model", str(no_tokenizer)], "no usable tokenizer"),
         (["--model", str(student), "--task", "sst2", "--data-dir", str(tmp_path)], "needs a fine-tuned sequence classifier"),
         (["--model", str(classifier), "--task", "sst2"], "--task needs --data-dir"),
         (["--model", str(classifier), "--task", "sst2", "--data-dir", str(tmp_path)], "sst2"),
@@ -152,6 +158,11 @@ def test_export_bad_input_one_line_exit_2_nothing_written(student, classifier, t
         assert not out.exists()
     rc = main(["export", "--model", str(student), "--out", str(tmp_path / "full")])
     assert rc == 2 and "not empty" in capsys.readouterr().err
+    before = sorted(p.name for p in student.iterdir())
+    for out in (student, student / "onnx"):  # --overwrite must never replace the model being exported
+        rc = main(["export", "--model", str(student), "--out", str(out), "--overwrite"])
+        assert rc == 2 and "must not be the model folder" in capsys.readouterr().err
+    assert sorted(p.name for p in student.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 

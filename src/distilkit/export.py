@@ -53,6 +53,7 @@ EXPORT_JSON = "export.json"
 TOLERANCE = 1e-4
 OPSET = 17
 CHECK_EXAMPLES = 32
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 #: The check batch when no task is given: real sentences of different lengths (so the batch is padded).
 CHECK_SENTENCES = [
     "The film was a great success, and the story stayed with me for days.",
@@ -105,6 +106,9 @@ def inspect_model(model: str | os.PathLike, kind: str = "auto") -> tuple[str, An
     if config.model_type not in SUPPORTED_TYPES:
         raise DistilkitError(f"{path}: model_type '{config.model_type}' is not supported for export "
                              f"(expected one of {', '.join(SUPPORTED_TYPES)})")
+    if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        # (transformers would build an empty tokenizer and carry on)
+        raise DistilkitError(f"{folder}: no usable tokenizer in the model folder (expected {' or '.join(TOKENIZER_FILES)})")
     if kind == "auto":
         archs = config.architectures or []
         if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -304,9 +308,15 @@ def export_model(
     if max_eval is not None and max_eval < 1:
         raise DistilkitError(f"--max-eval: expected a positive number of examples, got {max_eval}")
 
+    out_path = Path(out).resolve()
+    if Path(path).is_dir() and (out_path == Path(path).resolve() or Path(path).resolve() in out_path.parents):
+        raise DistilkitError(f"{out}: the output folder must not be the model folder or inside it")
     start = time.perf_counter()
     net = load_model(path, kind)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DistilkitError(f"{path}: no usable tokenizer in the model folder ({str(exc).splitlines()[0]})") from None
     positions = int(getattr(config, "max_position_embeddings", 512))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         export_onnx(net, kind, tmp / ONNX_FILE, opset)
