@@ -42,7 +42,6 @@ from . import losses, models
 from .hardware import PRECISIONS, resolve_mixed_precision
 from .config import DistillConfig, TrainConfig, to_dict
 from .masking import MaskingConfig, mask_tokens, special_ids_of, token_weights
-from .modelcard import write_model_card
 from .utils import DistilkitError, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, use_gpu
 
 CHECKPOINTS = "checkpoints"
@@ -385,7 +384,8 @@ def write_model_dir(model: Any, tokenizer: Any, folder: str | os.PathLike, info:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / info_name, info)
-        write_model_card(tmp, info_name)  # README.md: Hugging Face model card (modelcard.py)
+        from .modelcard import write_model_card  # README.md: Hugging Face model card
+        write_model_card(tmp, info_name)
         if not folder.exists():
             os.replace(tmp, folder)
             return

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from .config import FinetuneConfig, to_dict
 from .distill import param_groups
-from .modelcard import write_model_card
 from .models import resolve_model
 from .tasks import Example, Task, get_task, load_split, split_files, split_name, truncate_ids
 from .utils import DistilkitError, atomic_dir, atomic_write_json, model_fingerprint, provenance, reset_accelerate_state, set_seed, sha256_file, use_gpu
@@ -526,7 +525,8 @@ def _save(model, tokenizer, folder: Path, meta: dict[str, Any]) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     atomic_write_json(folder / META_FILE, meta)
-    write_model_card(folder, META_FILE)  # README.md: Hugging Face model card (modelcard.py)
+    from .modelcard import write_model_card  # README.md: Hugging Face model card
+    write_model_card(folder, META_FILE)
 
 
 # =========================================================================== evaluate

@@ -17,7 +17,6 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
 from .models import count_parameters, load_teacher, load_tokenizer, resolve_model
-from .modelcard import write_model_card
 from .utils import DistilkitError, atomic_dir, atomic_write_json, provenance
 
 log = logging.getLogger(__name__)
@@ -158,5 +157,6 @@ def init_student(
             tmp / "distilkit_student.json",
             {**summary.__dict__, "teacher_resolved": resolve_model(teacher), **provenance()},
         )
-        write_model_card(tmp, "distilkit_student.json")  # README.md: Hugging Face model card (modelcard.py)
+        from .modelcard import write_model_card  # README.md: Hugging Face model card
+        write_model_card(tmp, "distilkit_student.json")
     return summary
