@@ -148,6 +148,7 @@ def test_export_bad_input_one_line_exit_2_nothing_written(student, classifier, t
         (["--model", str(classifier), "--task", "sst2"], "--task needs --data-dir"),
         (["--model", str(classifier), "--task", "sst2", "--data-dir", str(tmp_path)], "sst2"),
         (["--model", str(classifier), "--task", "stsb", "--data-dir", str(tmp_path)], "needs 1"),
+        (["--model", str(student), "--threads", "0"], "--threads: expected a positive number"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

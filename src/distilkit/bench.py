@@ -227,8 +227,8 @@ def extra_rows(models: dict[str, dict[str, Any]], dev: torch.device, onnx: bool 
             runners = encoder_runners(s["path"], Path(tmp) / "student", threads=torch.get_num_threads())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        numpy_inputs = {key: [{k: v.numpy() for k, v in x.items()} for x in s[key]] for key in ("singles", "batches")}
         for name, (runner, info) in runners.items():
-            numpy_inputs = {key: [{k: v.numpy() for k, v in x.items()} for x in s[key]] for key in ("singles", "batches")}
             rows[f"student_{name}"] = dict(model=runner, **numpy_inputs, info={
                 **s["info"], "runtime": "onnxruntime", "precision": name.split("_")[1], **info})
     if bf16 or (bf16 is None and cpu and cpu_has_bf16()):

@@ -307,6 +307,8 @@ def export_model(
         check_source = f"{len(check_examples)} built-in sentences (export.CHECK_SENTENCES)"
     if max_eval is not None and max_eval < 1:
         raise DistilkitError(f"--max-eval: expected a positive number of examples, got {max_eval}")
+    if threads is not None and threads < 1:
+        raise DistilkitError(f"--threads: expected a positive number, got {threads}")
 
     out_path = Path(out).resolve()
     if Path(path).is_dir() and (out_path == Path(path).resolve() or Path(path).resolve() in out_path.parents):
