@@ -34,7 +34,8 @@ def tiny_student(tiny_teacher, tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(tiny_teacher, tiny_student):
     source = {"source": "inline", "n": len(SENTENCES), "sha256": None}
-    return bench(str(tiny_teacher), str(tiny_student), SENTENCES, source, rounds=3, batch_size=2, warmup=2, progress=False)
+    return bench(str(tiny_teacher), str(tiny_student), SENTENCES, source, rounds=3, batch_size=2, warmup=2, progress=False,
+                 onnx=False, bf16=False)  # the paper's protocol alone (extra rows: tests/test_export.py)
 
 
 def test_bench_json_keys_and_param_counts(result, tiny_teacher, tiny_student):

@@ -11,6 +11,11 @@ timed on the same sentences in the same process:
 After an untimed warm-up, teacher and student are timed alternately for several rounds (the order is
 swapped every round, so slow drift of a shared machine hits both alike); the result keeps every round,
 their median, min and max, and the speedup as a ratio of medians.
+
+Beside the paper's fp32 protocol, extra rows are timed in the same alternated rounds (bench.json "rows",
+each with its speedup over the fp32 teacher): the student's encoder exported to ONNX and run by ONNX
+Runtime in fp32 and dynamic int8 (`export.encoder_runners`; where onnxruntime is installed), and
+teacher and student with bf16 weights (where the CPU computes bf16 natively, `hardware.cpu_has_bf16`).
 """
 
 from __future__ import annotations
@@ -200,6 +205,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def extra_rows(models: dict[str, dict[str, Any]], dev: torch.device, onnx: bool | None, bf16: bool | None) -> dict[str, dict]:
+    """Rows beside the paper's fp32 protocol: the student as ONNX fp32 and int8 (ONNX Runtime, CPU), and
+    teacher and student with bf16 weights. None: ONNX where onnx/onnxruntime are installed and the device
+    is the CPU; bf16 where the CPU computes it natively (hardware.cpu_has_bf16)."""
+    import copy
+    import shutil
+    import tempfile
+
+    from .export import encoder_runners, onnx_available
+    from .hardware import cpu_has_bf16
+
+    rows: dict[str, dict] = {}
+    cpu = dev.type == "cpu"
+    if onnx or (onnx is None and cpu and onnx_available()):
+        if not cpu:
+            raise DistilkitError("--onnx rows run on the CPU (ONNX Runtime's CPU provider): use --device cpu")
+        s = models["student"]
+        tmp = tempfile.mkdtemp(prefix="distilkit-bench-onnx-")
+        try:  # the sessions hold the graphs in memory: the files can go
+            runners = encoder_runners(s["path"], Path(tmp) / "student", threads=torch.get_num_threads())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        numpy_inputs = {key: [{k: v.numpy() for k, v in x.items()} for x in s[key]] for key in ("singles", "batches")}
+        for name, (runner, info) in runners.items():
+            rows[f"student_{name}"] = dict(model=runner, **numpy_inputs, info={
+                **s["info"], "runtime": "onnxruntime", "precision": name.split("_")[1], **info})
+    if bf16 or (bf16 is None and cpu and cpu_has_bf16()):
+        for role in ("teacher", "student"):
+            m = models[role]
+            rows[f"{role}_bf16"] = dict(model=copy.deepcopy(m["model"]).to(torch.bfloat16), singles=m["singles"],
+                                        batches=m["batches"], info={**m["info"], "runtime": "pytorch", "precision": "bf16"})
+    return rows
+
+
 def bench(
     teacher: str,
     student: str,
@@ -212,11 +251,15 @@ def bench(
     device: str = "cpu",
     threads: int | None = None,
     progress: bool | None = None,
+    onnx: bool | None = None,
+    bf16: bool | None = None,
 ) -> dict[str, Any]:
     """Count parameters and time teacher and student encoders on `sentences` (see module docstring).
 
     `warmup` examples are run untimed at batch 1 and in one batch of `batch_size` per model first.
-    Returns the bench.json dict (teacher, student, speedup_bs1, speedup_bs32, param_ratio, ...).
+    Returns the bench.json dict (teacher, student, speedup_bs1, speedup_bs32, param_ratio, ...), with the
+    extra rows (`onnx`: student ONNX fp32 / int8; `bf16`: both models in bf16; None = where available)
+    under "rows".
     """
     for flag, value, least in (("--rounds", rounds, 1), ("--batch-size", batch_size, 1), ("--warmup", warmup, 0),
                                ("--threads", threads, 1), ("max_length", max_length, 3)):
@@ -244,7 +287,7 @@ def bench(
             raise DistilkitError(f"{name}: loaded encoder has {loaded} parameters, its config says {params}")
         singles, batches, n_tokens = _prepare(load_tokenizer(path), model, sentences, batch_size, max_length, dev)
         models[role] = dict(
-            name=name, model=model, singles=singles, batches=batches,
+            name=name, path=path, model=model, singles=singles, batches=batches,
             info={
                 "model": name,
                 "model_type": config.model_type,
@@ -257,18 +300,19 @@ def bench(
             },
         )
 
+    models.update(extra_rows(models, dev, onnx, bf16))
     load_before = _loadavg()
     for m in models.values():  # warm-up: allocator, kernels, lazy init
         _timed(m["model"], m["singles"][:warmup], dev)
         _timed(m["model"], m["batches"][:1], dev)
 
-    bs1: dict[str, list[float]] = {"teacher": [], "student": []}
-    bs32: dict[str, list[float]] = {"teacher": [], "student": []}
+    bs1: dict[str, list[float]] = {role: [] for role in models}
+    bs32: dict[str, list[float]] = {role: [] for role in models}
     schedule: list[str] = []
     n = len(sentences)
     disable = progress is False or (progress is None and bool(os.environ.get("DISTILKIT_NO_PROGRESS")))
     for r in tqdm(range(rounds), desc="bench rounds", disable=disable or None, leave=False):
-        order = ("teacher", "student") if r % 2 == 0 else ("student", "teacher")
+        order = list(models) if r % 2 == 0 else list(reversed(models))
         for role in order:
             bs1[role].append(_timed(models[role]["model"], models[role]["singles"], dev))
             schedule.append(f"{role}:bs1")
@@ -278,8 +322,12 @@ def bench(
 
     out: dict[str, Any] = {}
     for role, m in models.items():
-        out[role] = {**m["info"], "bs1_seconds": _spread(bs1[role]), "bs32_sentences_per_s": _spread(bs32[role])}
+        row = {**m["info"], "bs1_seconds": _spread(bs1[role]), "bs32_sentences_per_s": _spread(bs32[role])}
+        (out if role in ("teacher", "student") else out.setdefault("rows", {}))[role] = row
     t, s = out["teacher"], out["student"]
+    for row in out.get("rows", {}).values():
+        row["speedup_bs1"] = t["bs1_seconds"]["median"] / row["bs1_seconds"]["median"]
+        row["speedup_bs32"] = row["bs32_sentences_per_s"]["median"] / t["bs32_sentences_per_s"]["median"]
     out["speedup_bs1"] = t["bs1_seconds"]["median"] / s["bs1_seconds"]["median"]
     out["speedup_bs32"] = s["bs32_sentences_per_s"]["median"] / t["bs32_sentences_per_s"]["median"]
     out["param_ratio"] = s["params"] / t["params"]
@@ -290,7 +338,7 @@ def bench(
         f"no padding; bs{batch_size}: length-sorted batches of {batch_size} with dynamic padding "
         f"(reported as sentences/s under the key bs32_sentences_per_s); untimed warm-up of {warmup} examples "
         f"and one batch per model; {rounds} rounds, teacher and student alternated, order swapped every round"
-    )
+    ) + ("; extra rows (timed in the same rounds): " + ", ".join(out["rows"]) if out.get("rows") else "")
     out["batch_size"] = batch_size
     out["max_length"] = max_length
     out["rounds"] = rounds
@@ -314,6 +362,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"{role}: {m['model']} | {m['layers']} layers | {m['params'] / 1e6:.1f}M params{head} | "
             f"bs1 pass {m['bs1_seconds']['median']:.2f}s [{m['bs1_seconds']['min']:.2f}-{m['bs1_seconds']['max']:.2f}] | "
             f"bs{result['batch_size']} {m['bs32_sentences_per_s']['median']:.1f} sent/s"
+        )
+    for name, m in (result.get("rows") or {}).items():
+        size = f" | {m['file_bytes'] / 1e6:.1f} MB" if m.get("file_bytes") else ""
+        lines.append(
+            f"{name}: {m['runtime']} {m['precision']}{size} | bs1 pass {m['bs1_seconds']['median']:.2f}s "
+            f"({m['speedup_bs1']:.2f}x the fp32 teacher) | bs{result['batch_size']} "
+            f"{m['bs32_sentences_per_s']['median']:.1f} sent/s"
         )
     lines.append(
         f"speedup: {result['speedup_bs1']:.2f}x at bs1, {result['speedup_bs32']:.2f}x at bs{result['batch_size']}; "

@@ -285,6 +285,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu, as in the paper)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", help="write the result JSON here (e.g. RUN_DIR/bench/bench.json)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction,
+                   help="also time the student as ONNX fp32 and int8 (default: when onnxruntime is installed)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="also time both models in bf16 (default: when the CPU computes bf16 natively)")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -296,7 +300,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise DistilkitError("--task needs --data-dir")
     sentences, source = load_sentences(args.sentences, args.task, args.data_dir, args.split, args.max_sentences)
     result = bench(args.teacher, args.student, sentences, source, rounds=args.rounds, batch_size=args.batch_size,
-                   warmup=args.warmup, device=args.device, threads=args.threads)
+                   warmup=args.warmup, device=args.device, threads=args.threads, onnx=args.onnx, bf16=args.bf16)
     if args.out:
         atomic_write_json(args.out, result)
     print("\n".join(summary_lines(result)))
@@ -373,6 +377,39 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# =========================================================================== export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .export import KINDS
+
+    p = sub.add_parser("export", help="export a saved model to ONNX (optionally int8), checked against PyTorch")
+    p.add_argument("--model", required=True, help="model folder: a student, a teacher, or a fine-tuned classifier (RUN/model)")
+    p.add_argument("--out", required=True, help="output folder: model.onnx, model_quantized.onnx, config, tokenizer, export.json")
+    p.add_argument("--int8", action="store_true", help="also write ONNX Runtime dynamic int8 quantization (model_quantized.onnx)")
+    p.add_argument("--task", help="score PyTorch fp32, ONNX fp32 (and int8) on this task's evaluation split; needs --data-dir")
+    p.add_argument("--data-dir", help="data folder for --task")
+    p.add_argument("--max-eval", type=int, help="use a seeded random subset of N evaluation examples")
+    p.add_argument("--kind", default="auto", choices=KINDS, help="what to export (default: from the folder)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: as many as PyTorch uses)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model, summary_lines
+
+    r = export_model(args.model, args.out, kind=args.kind, int8=args.int8, task=args.task, data_dir=args.data_dir,
+                     max_eval=args.max_eval, threads=args.threads, overwrite=args.overwrite)
+    print("\n".join(summary_lines(r)))
+    print(f"export: {args.out}/export.json")
+    if not r["check"]["passed"]:
+        print(f"distilkit export: error: ONNX fp32 outputs differ from PyTorch by {r['check']['max_abs_diff']:.3e} "
+              f"(> {r['check']['tolerance']:.0e})", file=sys.stderr)
+        return 1
+    return 0
+
+
 # =========================================================================== entry point
 
 #: How a full disk shows up: errno ENOSPC/EDQUOT, or the text of torch.save's / safetensors' write errors.
@@ -397,7 +434,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 COMMANDS = [  # pipeline order, as `distilkit --help` lists them
     _add_prepare_corpus, _add_adapt_teacher, _add_init_student, _add_distill, _add_finetune, _add_evaluate,
-    _add_bench, _add_report, _add_reproduce,
+    _add_export, _add_bench, _add_report, _add_reproduce,
 ]
 
 

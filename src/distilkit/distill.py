@@ -298,6 +298,8 @@ def write_model_dir(model: Any, tokenizer: Any, folder: str | os.PathLike, info:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / info_name, info)
+        from .modelcard import write_model_card  # README.md: Hugging Face model card
+        write_model_card(tmp, info_name)
         if not folder.exists():
             os.replace(tmp, folder)
             return

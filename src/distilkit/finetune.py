@@ -574,6 +574,8 @@ def _save(model, tokenizer, folder: Path, meta: dict[str, Any]) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     atomic_write_json(folder / META_FILE, meta)
+    from .modelcard import write_model_card  # README.md: Hugging Face model card
+    write_model_card(folder, META_FILE)
 
 
 # =========================================================================== evaluate

@@ -624,7 +624,33 @@ class Pipeline:
         """ONNX (and int8) export of the fine-tuned student (issue 13; off unless `export.enabled`)."""
         if not self.cfg.export.enabled:
             return {"note": "disabled"}
-        raise DistilkitError("export: not implemented yet")
+        from .config import FinetuneConfig
+        from .export import export_model
+
+        e, f = self.cfg.export, self.cfg.finetune
+        unknown = sorted(set(e.tasks) - set(f.tasks))
+        if unknown:
+            raise DistilkitError(f"export.tasks: {unknown} not fine-tuned in this run (finetune.tasks: {f.tasks})")
+        notes = []
+        for task in e.tasks or f.tasks:
+            fields = {**f.common, **(f.per_task.get(task) or {})}
+            model = self.run / "finetune" / "student" / task / "model"
+            if not (model / "config.json").is_file():
+                raise DistilkitError(f"{model}: no fine-tuned student to export (finetune.save_models must not be none)")
+            out = self.run / "export" / "student" / task
+            sub, sub_key = f"export-student-{task}", _hash({"int8": e.int8, "fields": fields, "upstream": key})
+            if not self.stamps.done(sub, sub_key):
+                t0 = time.perf_counter()
+                ft = from_dict(FinetuneConfig, fields, f"finetune.{task}")  # the same evaluation subset as fine-tuning
+                r = export_model(str(model), str(out), int8=e.int8, task=task, data_dir=str(self.data),
+                                 max_eval=ft.max_eval, subset_seed=ft.subset_seed, overwrite=True)
+                if not r["check"]["passed"]:
+                    raise DistilkitError(f"{out}: ONNX fp32 outputs differ from PyTorch by {r['check']['max_abs_diff']:.3e} "
+                                         f"(> {r['check']['tolerance']:.0e})")
+                self.stamps.write(sub, sub_key, time.perf_counter() - t0, {"export": str(out / "export.json")})
+            r = json.loads((out / "export.json").read_text())
+            notes.append(f"{task} int8 cost {r['int8_cost']:+.2f}" if r.get("int8_cost") is not None else task)
+        return {"export": str(self.run / "export"), "note": ", ".join(notes)}
 
     def stage_bench(self, key: str) -> dict:
         b = self.cfg.bench

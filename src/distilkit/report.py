@@ -398,6 +398,7 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
         "all_tasks": all_tasks,
         "ablations": ablations,
         "bench": bench_section,
+        "deployment": deployment_section(run_dir, bench),
         "mlm": mlm,
         "paper": {k: paper[k] for k in ("source", "table1_glue_dev", "table2_downstream", "table3_size_speed",
                                         "table4_ablation_delta_macro", "headline_claims") if k in paper},
@@ -601,6 +602,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
               f"Paper protocol: {b['paper']['protocol']}. Absolute seconds depend on the CPU and the sentence set; "
               "compare the ratios.", ""]
 
+    L += render_deployment(rep.get("deployment"))
     # MLM
     if rep["mlm"] is not None:
         L += ["## Masked-LM evaluation (held-out text)", ""]
@@ -781,6 +783,78 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# =========================================================================== deployment: ONNX, int8, bf16 (issue 13)
+
+#: Extended Table 3 rows in display order: bench.json key -> (model, runtime, precision).
+DEPLOY_ROWS = {"teacher": ("teacher", "PyTorch", "fp32"), "student": ("student", "PyTorch", "fp32"),
+               "student_onnx_fp32": ("student", "ONNX Runtime", "fp32"),
+               "student_onnx_int8": ("student", "ONNX Runtime", "int8 (dynamic)"),
+               "teacher_bf16": ("teacher", "PyTorch", "bf16"), "student_bf16": ("student", "PyTorch", "bf16")}
+
+
+def deployment_section(run_dir: Path, bench: dict | None) -> dict | None:
+    """The extended Table 3 (bench.json's extra rows beside teacher and student) and the int8 accuracy
+    cost per task (RUN_DIR/export/student/<task>/export.json); None when there is neither."""
+    rows = []
+    if bench is not None and isinstance(bench.get("rows"), dict) and bench["rows"]:
+        t1 = bench["teacher"]["bs1_seconds"]["median"]
+        t32 = (bench["teacher"].get("bs32_sentences_per_s") or {}).get("median")
+        for key, (model, runtime, precision) in DEPLOY_ROWS.items():
+            m = bench["rows"].get(key) or (bench.get(key) if key in CORE else None)
+            if not isinstance(m, dict) or not _is_num((m.get("bs1_seconds") or {}).get("median")):
+                continue
+            s32 = (m.get("bs32_sentences_per_s") or {}).get("median")
+            rows.append({"key": key, "model": model, "runtime": runtime, "precision": precision,
+                         "params": m.get("params"), "file_bytes": m.get("file_bytes"),
+                         "bs1_seconds": m["bs1_seconds"], "speedup_bs1": t1 / m["bs1_seconds"]["median"],
+                         "bs32_sentences_per_s": s32, "speedup_bs32": s32 / t32 if _is_num(s32) and _is_num(t32) else None})
+    exports = {}
+    for path in sorted((run_dir / "export" / "student").glob("*/export.json"), key=lambda p: _task_key(p.parent.name)):
+        e = _optional_json(path, {"check": dict, "files": dict})
+        ev = e.get("eval") or {}
+        exports[path.parent.name] = {
+            "score_name": ev.get("score_name"), "n_eval": ev.get("n_eval"),
+            **{k: (ev.get(k) or {}).get("score") for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8")},
+            "int8_cost": e.get("int8_cost"), "max_abs_diff": e["check"].get("max_abs_diff"),
+            "check_passed": e["check"].get("passed"), "files": e["files"], "int8_size_ratio": e.get("int8_size_ratio"),
+        }
+    if not rows and not exports:
+        return None
+    costs = [x["int8_cost"] for x in exports.values() if _is_num(x["int8_cost"])]
+    return {"rows": rows, "batch_size": (bench or {}).get("batch_size"), "exports": exports,
+            "mean_int8_cost": _mean(costs)}
+
+
+def render_deployment(d: dict | None) -> list[str]:
+    """Markdown lines of `deployment_section` (nothing when it is None)."""
+    if d is None:
+        return []
+    L = ["## Deployment: ONNX, int8 and bf16 (extended Table 3)", ""]
+    if d["rows"]:
+        L += ["Encoder forward, timed in the same alternated rounds as Table 3 above; speedups against the "
+              "PyTorch fp32 teacher. ONNX rows: the student's encoder exported with `torch.onnx`, run by ONNX Runtime "
+              "(CPU); int8: dynamic quantization of the MatMul weights.", ""]
+        L += _table(["model", "runtime", "precision", "size", "batch-1 pass, s (min–max)", "speedup bs1",
+                     f"batch-{d.get('batch_size') or 32}, sentences/s", f"speedup bs{d.get('batch_size') or 32}"],
+                    [[r["model"], r["runtime"], r["precision"],
+                      f"{r['file_bytes'] / 1e6:.1f} MB file" if r["file_bytes"] else _millions(r["params"]) + " params",
+                      f"{r['bs1_seconds']['median']:.2f} ({r['bs1_seconds']['min']:.2f}–{r['bs1_seconds']['max']:.2f})",
+                      f"{r['speedup_bs1']:.2f}x", _f(r["bs32_sentences_per_s"], 1), _f(r["speedup_bs32"], 2, "x")]
+                     for r in d["rows"]])
+        L.append("")
+    if d["exports"]:
+        L += ["Accuracy of the fine-tuned student after export (same evaluation examples; `distilkit export --task`):", ""]
+        L += _table(["task", "metric", "PyTorch fp32", "ONNX fp32", "ONNX int8", "int8 cost", "max abs diff fp32",
+                     "size fp32 → int8"],
+                    [[task, x["score_name"] or "", _f(x["pytorch_fp32"], 2), _f(x["onnx_fp32"], 2), _f(x["onnx_int8"], 2),
+                      _f(x["int8_cost"], 2), f"{x['max_abs_diff']:.1e}" if _is_num(x["max_abs_diff"]) else "—",
+                      " → ".join(f"{v / 1e6:.1f} MB" for v in x["files"].values())] for task, x in d["exports"].items()])
+        if d["mean_int8_cost"] is not None:
+            L += ["", f"Mean int8 cost: {d['mean_int8_cost']:+.2f} points (fp32 score minus int8 score; positive = int8 is worse)."]
+        L.append("")
+    return L
 
 
 # =========================================================================== entry point

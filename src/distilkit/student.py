@@ -162,4 +162,6 @@ def init_student(
             tmp / "distilkit_student.json",
             {**summary.__dict__, "teacher_resolved": resolve_model(teacher), **provenance()},
         )
+        from .modelcard import write_model_card  # README.md: Hugging Face model card
+        write_model_card(tmp, "distilkit_student.json")
     return summary
