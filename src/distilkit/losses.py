@@ -125,7 +125,7 @@ def _vocab_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, w_kl, w_ce, c
             gc = cast(g)
             grads[0][rows] = gc @ ws
             if dtype is None:
-                grads[1].addmm_(g.t(), hs)
+                torch.addmm(grads[1], g.t(), hs, out=grads[1])  # in place; counted by FlopCounterMode
             else:
                 grads[1].add_(gc.t() @ hs)
             grads[2].add_(g.sum(0))
