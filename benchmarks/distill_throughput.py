@@ -212,7 +212,7 @@ def reference_sequences(tokenizer, lines: list[str], max_length: int) -> list[li
     body = max_length - 2
     out = []
     for ids in tokenizer(lines, add_special_tokens=False, return_attention_mask=False,
-                         return_token_type_ids=False)["input_ids"]:
+                         return_token_type_ids=False, verbose=False)["input_ids"]:
         for start in range(0, max(len(ids), 1), body):
             seq = [cls_id, *ids[start : start + body], sep_id]
             if len(seq) > REFERENCE_MIN_TOKENS:

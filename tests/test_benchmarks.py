@@ -38,6 +38,7 @@ def _load(name: str):
 
 dt = _load("distill_throughput")
 cm = _load("corpus_memory")
+ft = _load("finetune_throughput")
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +315,24 @@ def test_allocator_side_by_side_runs_both_settings_in_fresh_processes(tiny_teach
     assert a["tuning_applied"] == {"on": [glibc], "off": [False]}
     assert a["tokens_per_s"]["on"]["median"] > 0 and a["tokens_per_s"]["off"]["median"] > 0
     assert len(a["ratio_on_vs_off"]["per_round"]) == 1
+
+
+@pytest.mark.slow  # ~60 s on a shared 2-core machine
+def test_finetune_benchmark_end_to_end(tiny_teacher, shared_data, tmp_path):
+    """finetune_throughput on the real CoLA / MRPC train files with a tiny teacher and its cut student:
+    every (task, model, precision) timed each round through finetune.train, ratios from the medians."""
+    out = tmp_path / "ft.json"
+    r = ft.main(["--data-dir", str(shared_data), "--teacher", str(tiny_teacher), "--layers", "0,2", "--rounds", "2",
+                 "--steps", "1", "--out", str(out), "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    names = {f"{t}/{m}/{p}" for t in ("cola", "mrpc") for m in ("teacher", "student") for p in ("fp32", "bf16")}
+    assert set(r["results"]) == names
+    for name, v in r["results"].items():
+        assert v["steps_per_round"] == 1 and v["examples_per_round"] == v["batch_size"]
+        assert len(v["examples_per_s"]["rounds"]) == 2 and v["examples_per_s"]["median"] > 0
+        assert v["accelerator_precision"] == ("bf16" if name.endswith("bf16") else "no") and np.isfinite(v["last_loss"])
+    assert r["results"]["cola/student/fp32"]["params"] < r["results"]["cola/teacher/fp32"]["params"]
+    a, b = r["results"]["mrpc/teacher/bf16"], r["results"]["mrpc/teacher/fp32"]
+    assert r["ratios"]["mrpc/teacher/bf16_vs_fp32"]["ratio_of_medians"] == pytest.approx(
+        a["examples_per_s"]["median"] / b["examples_per_s"]["median"], rel=1e-2)
+    assert len(r["machine"]["load_after_each_round"]) == 2 and r["machine"]["cpu_model"]
