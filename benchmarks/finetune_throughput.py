@@ -11,7 +11,7 @@ layers 0, 2, 4, saved into a temporary folder). Each timed block is `finetune.tr
 step: length-grouped batches, collation, forward, task loss, backward, clipping, fused AdamW, schedule)
 on a seeded random subset of `--steps` x the task's batch size of the real train file, on a fresh copy
 of the model, under an Accelerator with mixed_precision "no" (fp32) or "bf16" (`finetune._accelerator`,
-as `distilkit finetune` builds it). Every (task, model, precision) runs once untimed, then rounds
+as `distilkit finetune` builds it). Every (task, model, precision) runs one untimed step, then rounds
 alternate all of them (order reversed every round); os.getloadavg() is recorded after every round.
 """
 
@@ -21,7 +21,6 @@ import argparse
 import copy
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -37,26 +36,12 @@ from distilkit.student import init_student
 from distilkit.tasks import get_task, load_split
 from distilkit.utils import atomic_write_json, model_fingerprint, provenance
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_throughput import _data_dir, _progress, _spread, load_average  # noqa: E402  (the helpers of both benchmarks)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "finetune_throughput.json"
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
-
-
-def _progress(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _spread(values: list[float], digits: int = 1) -> dict[str, Any]:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "rounds": [round(v, digits) for v in values]}
 
 
 class Workload:
@@ -79,12 +64,16 @@ class Workload:
         self.n_train = len(examples)
         self.seed = seed
 
-    def run(self, precision: str) -> dict[str, Any]:
-        """`finetune.train` over the subset (one epoch) on a fresh copy: examples/s and tokens/s."""
+    def run(self, precision: str, warmup: bool = False) -> dict[str, Any]:
+        """`finetune.train` over the subset (one epoch; `warmup`: its first batch only) on a fresh copy."""
         accelerator = finetune._accelerator(PRECISIONS[precision])
         model = copy.deepcopy(self.model)
-        _, stats = finetune.train(model, self.task, self.feats, self.hp, self.cfg, self.seed, self.pad_id, accelerator)
-        tokens = int(self.feats.lengths.sum())
+        feats = self.feats
+        if warmup:
+            n = self.hp.batch_size
+            feats = finetune.Features(feats.input_ids[:n], feats.token_type_ids[:n], feats.labels[:n])
+        _, stats = finetune.train(model, self.task, feats, self.hp, self.cfg, self.seed, self.pad_id, accelerator)
+        tokens = int(feats.lengths.sum())
         return {"examples_per_s": stats["train_examples_per_s"], "tokens_per_s": tokens / stats["train_wall_s"],
                 "steps": stats["steps"], "loss": stats["train_loss"][-1], "accelerator_precision": str(accelerator.mixed_precision)}
 
@@ -97,9 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_dir = Path(args.data_dir)
-    if not data_dir.is_dir() and args.data_dir == "../shared/data" and (REPO.parent / "shared" / "data").is_dir():
-        data_dir = REPO.parent / "shared" / "data"
+    data_dir = _data_dir(args.data_dir)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise SystemExit(f"--precisions: expected a list of {', '.join(PRECISIONS)}, got {args.precisions!r}")
@@ -114,8 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workloads = [Workload(t, name, path, data_dir, args.steps, args.seed)
                      for t in args.tasks.split(",") for name, path in (("teacher", teacher_path), ("student", student_path))]
         blocks = [(w, p) for w in workloads for p in precisions]
-        for w, p in blocks:  # warm-up: one untimed pass of each
-            w.run(p)
+        for w, p in blocks:  # warm-up: one untimed step of each
+            w.run(p, warmup=True)
         rates: dict[str, list[dict[str, Any]]] = {f"{w.name}/{p}": [] for w, p in blocks}
         loads = []
         for r in range(args.rounds):
@@ -159,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rounds": args.rounds, "steps_per_block": args.steps, "tasks": args.tasks.split(","), "precisions": precisions,
                 "timed": "finetune.train over the subset: length-grouped batches, collation, forward, task loss, backward, "
                          "clipping, fused AdamW, schedule (one epoch; the task's default batch size and max length)",
-                "order": "every (task, model, precision) once untimed, then rounds alternating all of them, reversed every round",
+                "order": "every (task, model, precision) one untimed step, then rounds alternating all of them, reversed every round",
             },
             "teacher": {"name": args.teacher, "resolved": teacher_path, "fingerprint": model_fingerprint(workloads[0].model)},
             "student": {"layers": [int(x) for x in args.layers.split(",")], "made_by": "student.init_student"},
