@@ -669,7 +669,8 @@ def speedups(results: dict[str, Any]) -> dict[str, Any]:
         if num in results and den in results:
             out[key] = {**_ratio(results[num], results[den]), "numerator": num, "denominator": den, "compares": what,
                         "objective": {v: OBJECTIVE[results[v]["kl_positions"]] for v in (num, den)},
-                        "precision": {v: results[v]["precision"] for v in (num, den)}}
+                        "precision": {v: results[v]["precision"] for v in (num, den)},
+                        "mfu_vs_best_peak_of_its_precision": {v: results[v]["mfu_vs_best_peak"] for v in (num, den)}}
     return out
 
 
