@@ -38,6 +38,7 @@ def _load(name: str):
 
 dt = _load("distill_throughput")
 cm = _load("corpus_memory")
+ft = _load("finetune_throughput")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,13 @@ def _naive_variant(tiny, text, cfg=None, batch_size=4):
     return dt.NaiveStep(student, teacher, tok, cfg or DistillConfig(smoothing=None), batches, seed=0)
 
 
+def _reference_variant(tiny, text, kl_positions="all", batch_size=4):
+    teacher, student, tok = tiny
+    seqs = dt.reference_sequences(tok, list(load_text_lines(text)), BLOCK)
+    batches = dt.reference_batches(seqs, batch_size, tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, seed=0)
+    return dt.ReferenceStep(student, teacher, tok, DistillConfig(smoothing=None, kl_positions=kl_positions), batches, seed=0)
+
+
 def _padded_batch(variant):
     for _ in range(20):  # a batch that really has padding, so that padding exclusion is tested
         batch = next(variant.batches)
@@ -77,20 +85,50 @@ def _close(a, b, tol=1e-5):
     return abs(a - b) <= tol * max(1.0, abs(b))
 
 
-def test_naive_loss_equals_distilkit_loss_with_kl_at_all_positions(tiny, tiny_text_file):
-    """On identical (padded, masked) inputs, the naive full-logits loss = compute_losses(kl_positions='all')."""
+@pytest.mark.parametrize("kl_positions", ["all", "masked"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_reference_loss_equals_distilkit_loss_with_the_same_kl_positions(tiny, tiny_text_file, kl_positions, fused):
+    """On identical (padded, masked) inputs, the paper's full-logits loss (KL at all positions, or at the masked
+    ones: --restrict_ce_to_mask) = compute_losses with the same kl_positions, fused or not."""
     teacher, _, _ = tiny
-    naive = _naive_variant(tiny, tiny_text_file)
-    naive.student.eval()
-    batch = _padded_batch(naive)
-    inputs = naive.mask(batch)
+    ref = _reference_variant(tiny, tiny_text_file, kl_positions)
+    ref.student.eval()
+    batch = _padded_batch(ref)
+    inputs = ref.mask(batch)
     assert (inputs["labels"] != IGNORE_INDEX).any()
-    cfg = DistillConfig(kl_positions="all", smoothing=None)
-    ref = dt.naive_losses(naive.student, teacher, inputs, cfg)
-    got = losses.compute_losses(naive.student, teacher, inputs, cfg)
+    cfg = DistillConfig(kl_positions=kl_positions, smoothing=None)
+    want = dt.reference_losses(ref.student, teacher, inputs, cfg, kl_positions)
+    got = losses.compute_losses(ref.student, teacher, inputs, cfg, fused=fused)
     for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
-        assert _close(got[key], ref[key]), (key, float(got[key]), float(ref[key]))
-    assert got["n_tokens"] == ref["n_tokens"] == int(batch.attention_mask.sum())
+        assert _close(got[key], want[key]), (key, float(got[key]), float(want[key]))
+    assert got["n_tokens"] == want["n_tokens"] == int(batch.attention_mask.sum())
+
+
+def test_reference_data_follow_the_paper_rules(tiny, tiny_text_file):
+    """[CLS] line [SEP]; long lines split at the max length; <= 11 tokens dropped; batches from one length bin."""
+    _, _, tok = tiny
+    lines = list(load_text_lines(tiny_text_file))
+    seqs = dt.reference_sequences(tok, lines, BLOCK)
+    raw = [len(ids) for ids in tok(lines, add_special_tokens=False)["input_ids"]]
+    pieces = [(n + BLOCK - 3) // (BLOCK - 2) for n in raw]  # pieces per line before dropping short ones
+    assert len(seqs) < sum(pieces) and any(n > BLOCK - 2 for n in raw)  # some split, some dropped
+    assert all(s[0] == tok.cls_token_id and s[-1] == tok.sep_token_id for s in seqs)
+    assert all(dt.REFERENCE_MIN_TOKENS < len(s) <= BLOCK for s in seqs)
+    assert sum(len(s) - 2 for s in seqs) == sum(n for n in raw) - sum(
+        n for n in raw if n + 2 <= dt.REFERENCE_MIN_TOKENS) - _dropped_tail_tokens(raw)
+    it = dt.reference_batches(seqs, 4, tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, seed=0)
+    for _ in range(10):
+        b = next(it)
+        lengths = b.attention_mask.sum(1)
+        assert b.input_ids.shape == (4, int(lengths.max()))
+        assert int(lengths.max() // dt.REFERENCE_BIN_WIDTH) == int(lengths.min() // dt.REFERENCE_BIN_WIDTH)
+        assert int(b.input_ids[b.attention_mask == 0].ne(tok.pad_token_id).sum()) == 0
+
+
+def _dropped_tail_tokens(raw):
+    """Tokens in split pieces that end up too short (a long line's last piece of <= 9 tokens)."""
+    body = BLOCK - 2
+    return sum(n % body for n in raw if n > body and 0 < n % body and n % body + 2 <= dt.REFERENCE_MIN_TOKENS)
 
 
 def test_partial_projection_equals_full_logits_at_masked_positions(tiny, tiny_corpus):
@@ -121,13 +159,16 @@ def test_partial_projection_equals_full_logits_at_masked_positions(tiny, tiny_co
     assert v.projected(inputs, got) == int(masked.sum()) == got["n_masked"]
 
 
-@pytest.mark.parametrize("kind", ["naive", "distilkit", "distilkit_kl_all"])
+@pytest.mark.parametrize("kind", ["naive", "reference", "reference_masked", "distilkit", "distilkit_kl_all"])
 def test_flops_formula_matches_torch_flop_counter(tiny, tiny_text_file, tiny_corpus, kind):
     """The analytic matmul FLOPs of a step (executed work) = what torch's FlopCounterMode counts."""
     teacher, student, tok = tiny
     if kind == "naive":
         v = _naive_variant(tiny, tiny_text_file)
         batch = _padded_batch(v)
+    elif kind.startswith("reference"):
+        v = _reference_variant(tiny, tiny_text_file, "masked" if kind == "reference_masked" else "all")
+        batch = next(v.batches)
     else:
         blocks = BlockCorpus(tiny_corpus)
         cfg = DistillConfig(kl_positions="all" if kind == "distilkit_kl_all" else "masked", smoothing=None)
@@ -148,6 +189,8 @@ def test_flops_formula_matches_torch_flop_counter(tiny, tiny_text_file, tiny_cor
     if kind == "naive":  # useful work: real lengths and masked positions only, less than what ran
         assert dt.model_flops(shape, stats) < dt.executed_flops(shape, stats)
         assert n == batch.input_ids.numel()
+    elif kind.startswith("reference"):  # full logits everywhere: at least the useful work of its objective
+        assert dt.model_flops(shape, stats, v.credit) <= dt.executed_flops(shape, stats)
     else:
         assert dt.model_flops(shape, stats, v.credit) == pytest.approx(counted, rel=1e-9)
 
@@ -163,40 +206,66 @@ def test_benchmark_end_to_end(tiny_teacher, tiny_text_file, tiny_corpus, tmp_pat
     out = tmp_path / "results" / "dt.json"
     r = dt.main(["--teacher", str(tiny_teacher), "--text", str(tiny_text_file), "--corpus", str(tiny_corpus),
                  "--layers", "0,2", "--batch-size", "4", "--max-length", str(BLOCK), "--rounds", "2", "--steps", "2",
+                 "--variants", "reference,reference_masked,distilkit,distilkit_kl_all,distilkit_bf16,distilkit_unfused",
                  "--peak-size", "64", "--peak-repeats", "2", "--block-peak-size", "48", "--attention-dropout", "0",
-                 "--out", str(out), "--quiet"])
+                 "--profile", "--micro", "--out", str(out), "--quiet"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     res = r["results"]
-    assert set(res) == {"naive", "distilkit", "distilkit_kl_all", "distilkit_attention_dropout"}
+    assert set(res) == {"reference", "reference_masked", "distilkit", "distilkit_kl_all", "distilkit_bf16",
+                        "distilkit_unfused", "distilkit_attention_dropout"}
     # the tiny teacher's attention dropout is already 0: the variant computes exactly distilkit's step
     assert res["distilkit_attention_dropout"]["last_loss"] == res["distilkit"]["last_loss"]
+    assert res["distilkit_unfused"]["last_loss"] == pytest.approx(res["distilkit"]["last_loss"], rel=1e-4)
+    assert res["distilkit_bf16"]["precision"] == "bf16" and res["distilkit"]["precision"] == "fp32"
+    assert res["distilkit_bf16"]["last_loss"] == pytest.approx(res["distilkit"]["last_loss"], rel=5e-2)
     assert res["distilkit"]["text_tokens_per_step"] == 4 * (BLOCK - 2)
     assert res["distilkit"]["padded_positions_per_step"] == res["distilkit"]["positions_per_step"] == 4 * BLOCK
-    assert res["naive"]["positions_per_step"] - res["naive"]["text_tokens_per_step"] == 2 * 4  # [CLS] + [SEP] each
-    assert res["naive"]["projected_per_step"] == res["naive"]["padded_positions_per_step"]
+    assert res["reference"]["projected_per_step"] == res["reference"]["padded_positions_per_step"]
+    assert res["reference"]["padding_share"] < 0.1  # length-grouped: at most 3 pad tokens per sequence
     assert res["distilkit"]["projected_per_step"] == res["distilkit"]["masked_per_step"]
     assert res["distilkit_kl_all"]["projected_per_step"] == 4 * BLOCK
+    assert res["reference"]["kl_positions"] == "all" and res["reference_masked"]["kl_positions"] == "masked"
     for v in res.values():
         assert len(v["tokens_per_s"]["rounds"]) == 2 and len(v["step_seconds_per_round"][0]) == 2
         assert v["tokens_per_s"]["median"] > 0 and 0 < v["mfu"] and np.isfinite(v["last_loss"])
         assert v["model_flops_per_text_token"] <= v["executed_flops_per_text_token"]
-    ratio = res["distilkit"]["tokens_per_s"]["median"] / res["naive"]["tokens_per_s"]["median"]
-    assert r["speedup"]["distilkit_vs_naive"]["ratio_of_medians"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
-    assert r["targets"]["speedup_met"] == (r["targets"]["speedup"] >= 2.0)
-    assert r["peak"]["gflops"] == pytest.approx(max(p["gflops"] for p in r["peak"]["measurements"]), rel=1e-9)
-    assert len(r["peak"]["measurements"]) == 2 + 2 * 2 * 4  # start, end, before and after every block (4 variants)
+    sp = r["speedup"]
+    ratio = res["distilkit"]["tokens_per_s"]["median"] / res["reference_masked"]["tokens_per_s"]["median"]
+    assert sp["distilkit_vs_reference"]["ratio_of_medians"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)
+    assert sp["distilkit_vs_reference"]["denominator"] == "reference_masked"
+    assert sp["distilkit_kl_all_vs_reference"]["denominator"] == "reference"
+    assert sp["distilkit_default_bf16_vs_reference"]["precision"] == {"distilkit_bf16": "bf16", "reference": "fp32"}
+    assert {"bf16_vs_fp32", "fused_vs_unfused"} <= set(sp) and "distilkit_vs_naive" not in sp
+    t = r["targets"]
+    assert t["speedup"] == sp["distilkit_vs_reference"]["ratio_of_medians"] and t["speedup_met"] == (t["speedup"] >= 2.5)
+    assert t["mfu_vs_best_peak"] == res["distilkit"]["mfu_vs_best_peak"]
+    if r["machine"]["cpu_bf16"]:
+        assert t["bf16_speedup"] == sp["bf16_vs_fp32"]["ratio_of_medians"] and t["bf16_mfu_vs_bf16_peak"] is not None
+    else:
+        assert t["bf16_speedup"] is None and t["bf16_speedup_met"] is None
+    measured = r["peak"]["measurements"]
+    assert set(r["peak"]["gflops"]) == {"fp32", "bf16"}
+    assert r["peak"]["gflops"]["fp32"] == pytest.approx(max(m["gflops"] for m in measured if m["dtype"] == "float32"), rel=1e-9)
+    assert len(measured) == 2 * 2 + 2 * 2 * 7  # fp32 and bf16 at start and end, before and after every block
     for v in res.values():  # MFU of a block is against the better of the peaks measured around it
         assert v["mfu"] == pytest.approx(float(np.median(v["mfu_rounds"])), abs=1e-4)
-        assert all(p <= r["peak"]["gflops"] + 1e-6 for p in v["matched_peak_gflops_rounds"])
+        assert all(p <= r["peak"]["gflops"][v["precision"]] + 1e-6 for p in v["matched_peak_gflops_rounds"])
     assert r["data"]["corpus_blocks"] == len(BlockCorpus(tiny_corpus)) and len(r["data"]["corpus_sha256"]) == 64
-    assert "git_commit" in r and "torch" in r and r["machine"]["threads"] >= 1
-    for name in ("naive", "distilkit"):
+    assert "git_commit" in r and "torch" in r and r["machine"]["torch_threads"] >= 1
+    m = r["machine"]
+    assert m["cpu_model"] and isinstance(m["cpu_flags"], list) and "malloc_tuning" in m["allocator"]
+    assert len(m["load_after_each_round"]) == 2
+    for name in ("reference", "reference_masked"):
         assert (out.parent / r["profile"][name]["table"]).is_file()
         assert sum(r["profile"][name]["self_cpu_share_by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
-        assert set(r["profile"][name]["phases"]["seconds"]) >= {"forward (teacher + student + losses)", "backward"}
     assert set(r["micro"]["adamw_step_ms"]) == {"default", "foreach", "fused"}
     assert r["micro"]["loss_terms"]["positions"] > 0 and r["micro"]["loss_terms"]["eager_ms"] > 0
-    assert set(r["micro"]["student_attention_dropout_step_s"]) == {"p=0.0", "p=0"}  # tiny teacher: dropout 0
+
+
+def test_unknown_variant_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        dt.parse_args(["--variants", "distilkit,bogus"])
+    assert exc.value.code == 2 and "bogus" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -204,8 +273,8 @@ def test_compiled_variant_computes_the_same_step(tiny_teacher, tiny_text_file, t
     """--compile: the torch.compile'd encoders give distilkit's losses (tiny teacher: dropout 0, same data)."""
     r = dt.main(["--teacher", str(tiny_teacher), "--text", str(tiny_text_file), "--corpus", str(tiny_corpus),
                  "--layers", "0,2", "--batch-size", "4", "--max-length", str(BLOCK), "--rounds", "2", "--steps", "2",
-                 "--peak-size", "64", "--peak-repeats", "2", "--block-peak-size", "48", "--compile", "--no-kl-all",
-                 "--no-profile", "--no-micro", "--out", str(tmp_path / "dt.json"), "--quiet"])
+                 "--peak-size", "64", "--peak-repeats", "2", "--block-peak-size", "48", "--compile",
+                 "--variants", "naive,distilkit", "--out", str(tmp_path / "dt.json"), "--quiet"])
     res = r["results"]
     assert set(res) == {"naive", "distilkit", "distilkit_compiled"}
     assert res["distilkit_compiled"]["last_loss"] == pytest.approx(res["distilkit"]["last_loss"], rel=1e-4)
@@ -232,13 +301,38 @@ def test_corpus_memory_end_to_end(tiny_teacher, tiny_text_file, tmp_path):
     assert r["flat"]["token_ratio"] == pytest.approx(3.0, rel=0.01)
 
 
-def test_malloc_tuning_applies_in_a_fresh_process():
-    """--malloc-tuning's mallopt calls succeed on glibc (run in a subprocess: the setting is process-wide)."""
+@pytest.mark.slow
+def test_allocator_side_by_side_runs_both_settings_in_fresh_processes(tiny_teacher, tiny_text_file, tiny_corpus, tmp_path):
+    """--allocator-rounds: each round, one process with DISTILKIT_MALLOC_TUNING=1 and one with =0."""
     import platform
-    import subprocess
 
-    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import distill_throughput as dt; "
-            "print(dt.tune_malloc())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
-    expected = "True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else out
-    assert out == expected
+    r = dt.main(["--teacher", str(tiny_teacher), "--text", str(tiny_text_file), "--corpus", str(tiny_corpus),
+                 "--layers", "0,2", "--batch-size", "4", "--max-length", str(BLOCK), "--rounds", "1", "--steps", "1",
+                 "--variants", "distilkit", "--peak-size", "64", "--peak-repeats", "1", "--block-peak-size", "48",
+                 "--allocator-rounds", "1", "--allocator-steps", "1", "--out", str(tmp_path / "dt.json"), "--quiet"])
+    a = r["allocator"]
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert a["tuning_applied"] == {"on": [glibc], "off": [False]}
+    assert a["tokens_per_s"]["on"]["median"] > 0 and a["tokens_per_s"]["off"]["median"] > 0
+    assert len(a["ratio_on_vs_off"]["per_round"]) == 1
+
+
+@pytest.mark.slow  # ~60 s on a shared 2-core machine
+def test_finetune_benchmark_end_to_end(tiny_teacher, shared_data, tmp_path):
+    """finetune_throughput on the real CoLA / MRPC train files with a tiny teacher and its cut student:
+    every (task, model, precision) timed each round through finetune.train, ratios from the medians."""
+    out = tmp_path / "ft.json"
+    r = ft.main(["--data-dir", str(shared_data), "--teacher", str(tiny_teacher), "--layers", "0,2", "--rounds", "2",
+                 "--steps", "1", "--out", str(out), "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    names = {f"{t}/{m}/{p}" for t in ("cola", "mrpc") for m in ("teacher", "student") for p in ("fp32", "bf16")}
+    assert set(r["results"]) == names
+    for name, v in r["results"].items():
+        assert v["steps_per_round"] == 1 and v["examples_per_round"] == v["batch_size"]
+        assert len(v["examples_per_s"]["rounds"]) == 2 and v["examples_per_s"]["median"] > 0
+        assert v["accelerator_precision"] == ("bf16" if name.endswith("bf16") else "no") and np.isfinite(v["last_loss"])
+    assert r["results"]["cola/student/fp32"]["params"] < r["results"]["cola/teacher/fp32"]["params"]
+    a, b = r["results"]["mrpc/teacher/bf16"], r["results"]["mrpc/teacher/fp32"]
+    assert r["ratios"]["mrpc/teacher/bf16_vs_fp32"]["ratio_of_medians"] == pytest.approx(
+        a["examples_per_s"]["median"] / b["examples_per_s"]["median"], rel=1e-2)
+    assert len(r["machine"]["load_after_each_round"]) == 2 and r["machine"]["cpu_model"]

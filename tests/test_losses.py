@@ -9,12 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from distilkit import models
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from distilkit.losses import (
     IGNORE_INDEX,
     LossConfig,
     TripleLoss,
+    chunk_rows,
     compute_losses,
     cosine_loss,
+    fused_vocab_losses,
     kl_distill,
     masked_lm_loss,
 )
@@ -144,21 +148,22 @@ def test_gradients_reach_the_student_only(pair):
 
 
 class _Counter:
-    """Counts models.mlm_logits / models.encoder_hidden calls per model class."""
+    """Counts MLM head applications (models.mlm_transform, used by the fused and the plain path) and
+    models.encoder_hidden calls per model class."""
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str, str]] = []
-        real_logits, real_hidden = models.mlm_logits, models.encoder_hidden
+        real_transform, real_hidden = models.mlm_transform, models.encoder_hidden
 
-        def logits(model, hidden):
+        def transform(model, hidden):
             self.calls.append(("logits", type(model).__name__))
-            return real_logits(model, hidden)
+            return real_transform(model, hidden)
 
         def hidden(model, ids, att):
             self.calls.append(("hidden", type(model).__name__))
             return real_hidden(model, ids, att)
 
-        monkeypatch.setattr(models, "mlm_logits", logits)
+        monkeypatch.setattr(models, "mlm_transform", transform)
         monkeypatch.setattr(models, "encoder_hidden", hidden)
 
     def count(self, what: str, cls: str) -> int:
@@ -175,12 +180,15 @@ class _Counter:
         ((5.0, 0.0, 0.0), 1, 1, 1),  # KL only
     ],
 )
-def test_switched_off_terms_are_not_computed(pair, monkeypatch, weights, student_logits, teacher_forward, teacher_logits):
+@pytest.mark.parametrize("fused", [True, False])
+def test_switched_off_terms_are_not_computed(pair, monkeypatch, weights, student_logits, teacher_forward, teacher_logits,
+                                             fused):
     teacher, student = pair
     counter = _Counter(monkeypatch)
     a_ce, a_mlm, a_cos = weights
     cfg = LossConfig(alpha_ce=a_ce, alpha_mlm=a_mlm, alpha_cos=a_cos)
-    out = compute_losses(student, teacher if teacher_forward else None, _batch(teacher.config.vocab_size), cfg)
+    out = compute_losses(student, teacher if teacher_forward else None, _batch(teacher.config.vocab_size), cfg,
+                         fused=fused)
     assert counter.count("logits", "DistilBertForMaskedLM") == student_logits
     assert counter.count("hidden", "BertForMaskedLM") == teacher_forward
     assert counter.count("logits", "BertForMaskedLM") == teacher_logits
@@ -193,8 +201,8 @@ def test_switched_off_terms_are_not_computed(pair, monkeypatch, weights, student
 def test_projection_sees_only_masked_rows(pair, monkeypatch):
     teacher, student = pair
     counter_rows = []
-    real = models.mlm_logits
-    monkeypatch.setattr(models, "mlm_logits", lambda m, h: (counter_rows.append(h.shape[0]), real(m, h))[1])
+    real = models.mlm_transform
+    monkeypatch.setattr(models, "mlm_transform", lambda m, h: (counter_rows.append(h.shape[0]), real(m, h))[1])
     batch = _batch(teacher.config.vocab_size)
     compute_losses(student, teacher, batch, LossConfig())
     n_masked = int((batch["labels"] != IGNORE_INDEX).sum())
@@ -205,3 +213,134 @@ def test_missing_teacher_is_an_error(pair):
     _, student = pair
     with pytest.raises(ValueError, match="teacher"):
         compute_losses(student, None, _batch(student.config.vocab_size), LossConfig())
+
+
+# --------------------------------------------------------------------------- the fused vocabulary loss
+
+
+def _loss_and_grads(student, teacher, batch, cfg, **kw):
+    student.zero_grad(set_to_none=True)
+    out = compute_losses(student, teacher, batch, cfg, **kw)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    return out, grads
+
+
+def _assert_same(a, b, grads_a, grads_b, rel=TOL):
+    for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+        assert (a[key] is None) == (b[key] is None), key
+        if a[key] is not None:
+            assert abs(a[key].item() - b[key].item()) <= rel * max(1.0, abs(b[key].item())), (key, a[key], b[key])
+    assert set(grads_a) == set(grads_b) and grads_a
+    for name in grads_b:
+        scale = max(1.0, float(grads_b[name].abs().max()))
+        assert float((grads_a[name] - grads_b[name]).abs().max()) <= rel * scale, name
+
+
+@pytest.mark.parametrize("kl_positions", ["masked", "all"])
+@pytest.mark.parametrize("weights", [(5.0, 2.0, 1.0), (0.0, 2.0, 1.0), (5.0, 0.0, 1.0), (1.0, 3.0, 0.0), (0.0, 2.0, 0.0)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_fused_equals_unfused_values_and_gradients(pair, kl_positions, weights, temperature):
+    """fp32: every term and every student gradient of the fused path = the plain full-logits path (1e-5),
+    with chunks small enough (7 rows) that each batch spans several, and rows without a label (all)."""
+    teacher, student = pair
+    cfg = LossConfig(*weights, temperature=temperature, kl_positions=kl_positions)
+    uses_teacher = weights[0] > 0 or weights[2] > 0
+    for seed in range(2):
+        batch = _batch(teacher.config.vocab_size, seed)
+        fused, g_fused = _loss_and_grads(student, teacher if uses_teacher else None, batch, cfg, fused=True, chunk=7)
+        plain, g_plain = _loss_and_grads(student, teacher if uses_teacher else None, batch, cfg, fused=False)
+        _assert_same(fused, plain, g_fused, g_plain)
+        assert "vocab_projector.bias" in g_fused and "distilbert.embeddings.word_embeddings.weight" in g_fused
+
+
+def test_fused_backward_of_one_term_alone_recomputes(pair):
+    """Backward through loss_ce alone (not in the alpha ratio the forward pre-computed) is still exact."""
+    teacher, student = pair
+    batch = _batch(teacher.config.vocab_size, 3)
+    grads = []
+    for fused in (True, False):
+        student.zero_grad(set_to_none=True)
+        out = compute_losses(student, teacher, batch, LossConfig(kl_positions="all"), fused=fused, chunk=5)
+        (out["loss_ce"] * 3.0).backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    student.zero_grad(set_to_none=True)
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[1]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=TOL), name
+
+
+def test_fused_handles_empty_and_unlabelled_selections(pair):
+    teacher, student = pair
+    vocab = teacher.config.vocab_size
+    decoder = models.mlm_decoder(student)
+    rows = torch.randn(0, decoder.in_features, requires_grad=True)
+    kl, ce = fused_vocab_losses(rows, decoder, torch.zeros(0, dtype=torch.long), 2.0, rows.detach(),
+                                models.mlm_decoder(teacher))
+    assert kl.item() == 0.0 and ce.item() == 0.0 and kl.requires_grad
+    (kl + ce).backward()
+    rows = torch.randn(6, decoder.in_features, requires_grad=True)
+    kl, ce = fused_vocab_losses(rows, decoder, torch.full((6,), IGNORE_INDEX), 2.0, None, None, 0.0, 1.0)
+    assert kl is None and ce.item() == 0.0
+    ce.backward()
+    assert float(rows.grad.abs().max()) == 0.0
+    assert chunk_rows(30522) >= 1000 and chunk_rows(vocab) >= 16
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_fused_never_materialises_full_logits(pair):
+    """kl_positions=all: with chunks of 8 rows, no tensor of more than 8 rows x vocab is created in forward or
+    backward (checked on every op's output), and nothing vocab-sized per row is saved for backward; the plain
+    path creates (n, vocab) tensors. How: a TorchDispatchMode sees every op output; saved_tensors_hooks every
+    tensor autograd keeps."""
+    teacher, student = pair
+    vocab = teacher.config.vocab_size
+    batch = _batch(vocab, 0)
+    n = int(batch["attention_mask"].sum())
+    assert n > 8 and n != student.config.dim
+    cfg = LossConfig(kl_positions="all")
+    for fused, expect_big in ((True, False), (False, True)):
+        saved: list[tuple[int, ...]] = []
+        with _Shapes() as seen, torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(tuple(t.shape)), t)[1],
+                                                                         lambda t: t):
+            out = compute_losses(student, teacher, batch, cfg, fused=fused, chunk=8)
+            out["loss"].backward()
+        student.zero_grad(set_to_none=True)
+        dim = student.config.dim  # (dim, vocab): the decoder weight's transposed view, not rows
+        vocab_rows = [s[0] for s in seen.shapes if len(s) == 2 and s[1] == vocab and s[0] != dim]
+        assert max(vocab_rows) == (n if expect_big else 8), (fused, max(vocab_rows))
+        saved_vocab_rows = [s[0] for s in saved if len(s) == 2 and s[1] == vocab]
+        assert (max(saved_vocab_rows, default=0) == n) == expect_big
+
+
+def test_fused_under_bf16_autocast_is_finite_and_close(pair):
+    """bf16 autocast: projections in bf16, softmaxes in fp32; the fused terms match the plain path's to 1e-2."""
+    teacher, student = pair
+    batch = _batch(teacher.config.vocab_size, 1)
+    cfg = LossConfig(kl_positions="all")
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(student, teacher, batch, cfg, fused=fused, chunk=16))
+    (a, ga), (b, gb) = results
+    for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+        assert torch.isfinite(a[key]) and a[key].dtype == torch.float32
+        assert a[key].item() == pytest.approx(b[key].item(), rel=1e-2), key
+    for name in gb:
+        assert torch.isfinite(ga[name]).all()
+        assert float((ga[name] - gb[name]).norm()) <= 2e-2 * max(float(gb[name].norm()), 1e-3), name

@@ -216,13 +216,24 @@ def encoder_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
 
 def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits for hidden states of any leading shape (..., dim)."""
+    return mlm_decoder(model)(mlm_transform(model, hidden))
+
+
+def mlm_transform(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLM head up to the vocabulary projection (dense + GELU + LayerNorm), shape (..., dim)."""
     if isinstance(model, DistilBertForMaskedLM):
-        x = model.vocab_transform(hidden)
-        x = model.activation(x)
-        x = model.vocab_layer_norm(x)
-        return model.vocab_projector(x)
+        return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
     if isinstance(model, BertForMaskedLM):
-        return model.cls(hidden)
+        return model.cls.predictions.transform(hidden)
+    raise TypeError(f"unsupported model class {type(model).__name__}")
+
+
+def mlm_decoder(model: PreTrainedModel) -> torch.nn.Linear:
+    """The vocabulary projection (dim -> vocab, weight tied to the word embeddings) of the MLM head."""
+    if isinstance(model, DistilBertForMaskedLM):
+        return model.vocab_projector
+    if isinstance(model, BertForMaskedLM):
+        return model.cls.predictions.decoder
     raise TypeError(f"unsupported model class {type(model).__name__}")
 
 
