@@ -83,3 +83,11 @@ def test_named_preset_is_a_config_file():
     assert (cfg.steps, cfg.batch_size) == (3, 32)
     with pytest.raises(DistilkitError, match="no such config file.*quick"):
         load_config(DistillConfig, "no-such-preset")
+
+
+def test_bare_no_is_the_string_no_for_a_string_field():
+    """YAML reads `no` as false; for a str field (mixed_precision) it must stay the word the user typed."""
+    from distilkit.config import DistillConfig, apply_overrides, from_dict
+
+    assert apply_overrides(DistillConfig(), ["mixed_precision=no"]).mixed_precision == "no"
+    assert from_dict(DistillConfig, {"mixed_precision": False}).mixed_precision == "no"

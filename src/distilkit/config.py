@@ -80,6 +80,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise DistilkitError(f"{where}: expected true/false, got {value!r}")
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare no/yes/off/on as a boolean: `--set mixed_precision=no` means the string "no"
+        value = "yes" if value else "no"
     if tp in (int, float, str):
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
