@@ -86,7 +86,10 @@ def has_mlm_head(path: str) -> bool:
     if keys is None:  # hub id: trust the architecture name
         archs = AutoConfig.from_pretrained(path).architectures or []
         return any("MaskedLM" in a or "ForPreTraining" in a for a in archs)
-    return any("predictions.transform" in k or "vocab_transform" in k for k in keys)
+    from .families import by_model_type
+
+    fragments = by_model_type(model_type(path), where=path).head_keys
+    return any(f in k for f in fragments for k in keys)
 
 
 def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> tuple[BertForMaskedLM, bool]:
@@ -96,14 +99,11 @@ def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> 
     tied to the word embeddings, and a warning: such a teacher should be adapted first
     (`distilkit adapt-teacher`) before its logits are worth distilling.
     """
+    from .families import load_model
+
     path = resolve_model(name)
-    mtype = model_type(path)
-    if mtype not in BERT_FAMILY:
-        raise DistilkitError(f"{name}: teacher must be BERT-family (model_type 'bert'), got '{mtype}'")
+    model, _ = load_model(path, "teacher", str(name))  # the family registry: one-line error for other types
     head = has_mlm_head(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = BertForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
     if not head and warn_missing_head:
         warnings.warn(
             f"teacher {name} has no masked-LM head: a fresh, untrained head was attached. "
@@ -115,11 +115,9 @@ def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> 
 
 
 def load_student(name: str | os.PathLike) -> DistilBertForMaskedLM:
-    path = resolve_model(name)
-    mtype = model_type(path)
-    if mtype not in STUDENT_FAMILY:
-        raise DistilkitError(f"{name}: student must be a DistilBERT model (model_type 'distilbert'), got '{mtype}'")
-    return DistilBertForMaskedLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    from .families import load_model
+
+    return load_model(resolve_model(name), "student", str(name))[0]
 
 
 # --------------------------------------------------------------------------- uniform MLM access
@@ -136,7 +134,9 @@ def encoder_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
         return model.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
-    raise TypeError(f"unsupported model class {type(model).__name__}")
+    from .families import family_of  # RoBERTa, GPT-2, ...
+
+    return family_of(model).hidden(model, input_ids, attention_mask)
 
 
 def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,9 @@ def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
         return model.vocab_projector(x)
     if isinstance(model, BertForMaskedLM):
         return model.cls(hidden)
-    raise TypeError(f"unsupported model class {type(model).__name__}")
+    from .families import family_of
+
+    return family_of(model).lm_logits(model, hidden)
 
 
 def set_attention_dropout(model: torch.nn.Module, p: float) -> int:

@@ -1,0 +1,282 @@
+"""Model families: the one place that knows where each family keeps its parts and which objective it trains.
+
+The paper's own code distils three families; distilkit does the same through this registry:
+
+| family  | teachers (model_type)       | student                                   | objective                   |
+|---------|-----------------------------|-------------------------------------------|-----------------------------|
+| bert    | bert                        | `DistilBertForMaskedLM` (token type folded)| masked LM (`alpha_mlm`)     |
+| roberta | roberta, xlm-roberta        | the teacher's class with the chosen layers| masked LM (`alpha_mlm`)     |
+| gpt2    | gpt2                        | `GPT2LMHeadModel` with the chosen blocks  | causal LM (`alpha_clm`)     |
+
+Each `Family` names the attribute paths of its embeddings, its layer list, its final norm (GPT-2's `ln_f`)
+and its LM head, the teacher / student classes, and the objective. Stages ask `family_of(...)` and call the
+family's methods (`build_student`, `hidden`, `lm_logits`, `backbone`); nothing else tests `model_type`.
+
+A RoBERTa or GPT-2 student is the teacher's own class with fewer layers: the teacher's state dict, with
+layer `t` renamed to student layer `s` and the other layers left out, loads strictly into it, so the
+embeddings (RoBERTa's position ids that start after the padding index, its single token type), the final
+norm and the tied head are the teacher's. With every layer kept the student *is* the teacher.
+
+Causal-LM objective (GPT-2): no masking; labels are the next token (`causal_labels`), the KL term is taken
+at every position, the cross-entropy (`alpha_clm`) at every position that has a next token, and the held-out
+score is next-token accuracy and perplexity (`evaluate_clm`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .utils import DistilkitError
+
+MLM, CLM = "mlm", "clm"
+IGNORE_INDEX = -100  # the label value the losses skip (the same as losses.IGNORE_INDEX)
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its parts (attribute paths from the LM model) and what it trains."""
+
+    name: str
+    teacher_types: tuple[str, ...]  # config.model_type of accepted teachers
+    student_types: tuple[str, ...]  # config.model_type of its students
+    objective: str  # MLM or CLM
+    teacher_class: str  # transformers class names (imported lazily)
+    student_class: str
+    backbone_attr: str  # the encoder / decoder stack without the LM head
+    embeddings_attr: str  # word embeddings module (from the backbone)
+    layers_attr: str  # the layer list (from the backbone)
+    final_norm_attr: str | None  # GPT-2's ln_f (from the backbone); None when there is none
+    head_attr: str  # the LM head (from the model)
+    head_keys: tuple[str, ...]  # checkpoint tensor-name fragments that show a trained LM head
+    command: str  # an example init-student command (README, errors)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def causal(self) -> bool:
+        return self.objective == CLM
+
+    def classes(self) -> tuple[type, type]:
+        import transformers
+
+        return getattr(transformers, self.teacher_class), getattr(transformers, self.student_class)
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        name = self.backbone_attr if not self.is_student(model) else self.extra.get("student_backbone", self.backbone_attr)
+        return _attr(model, name)
+
+    def is_student(self, model: nn.Module) -> bool:
+        return model.config.model_type in self.student_types and model.config.model_type not in self.teacher_types
+
+    # ---------------------------------------------------------------- forward pieces
+    def hidden(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (batch, seq, dim), after GPT-2's final norm."""
+        if self.name == "bert":
+            from .models import encoder_hidden
+
+            return encoder_hidden(model, input_ids, attention_mask)
+        return self.backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def lm_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of hidden states of any leading shape (..., dim)."""
+        if self.name == "bert":
+            from .models import mlm_logits
+
+            return mlm_logits(model, hidden)
+        return _attr(model, self.head_attr)(hidden)
+
+    # ---------------------------------------------------------------- students
+    def build_student(self, teacher: nn.Module, layers: list[int]) -> nn.Module:
+        """The student of `teacher` with one layer per chosen teacher layer, weights copied."""
+        if self.name == "bert":
+            from .student import student_from_teacher
+
+            return student_from_teacher(teacher, layers)
+        return cut_layers(teacher, layers, f"{self.backbone_attr}.{self.layers_attr}.")
+
+
+@torch.no_grad()
+def cut_layers(teacher: nn.Module, layers: list[int], prefix: str) -> nn.Module:
+    """A model of the teacher's class and config with only `layers` (in that order) of the list at `prefix`."""
+    from .student import check_layers
+
+    check_layers(layers, teacher.config.num_hidden_layers)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    config.architectures = [type(teacher).__name__]
+    student = type(teacher)(config)
+    rename = {str(t): str(s) for s, t in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if index not in rename:
+                continue
+            key = f"{prefix}{rename[index]}.{rest}"
+        state[key] = value
+    student.load_state_dict(state, strict=True)
+    student.eval()
+    return student
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="bert", teacher_types=("bert",), student_types=("distilbert",), objective=MLM,
+            teacher_class="BertForMaskedLM", student_class="DistilBertForMaskedLM",
+            backbone_attr="bert", embeddings_attr="embeddings.word_embeddings", layers_attr="encoder.layer",
+            final_norm_attr=None, head_attr="cls", head_keys=("predictions.transform", "vocab_transform"),
+            command="distilkit init-student --teacher bert-base-uncased --out runs/distilbert",
+            extra={"student_backbone": "distilbert"},
+        ),
+        Family(
+            name="roberta", teacher_types=("roberta", "xlm-roberta"), student_types=("roberta", "xlm-roberta"),
+            objective=MLM, teacher_class="AutoModelForMaskedLM", student_class="AutoModelForMaskedLM",
+            backbone_attr="roberta", embeddings_attr="embeddings.word_embeddings", layers_attr="encoder.layer",
+            final_norm_attr=None, head_attr="lm_head", head_keys=("lm_head.dense",),
+            command="distilkit init-student --teacher roberta-base --out runs/distilroberta --layers 0,2,4,7,9,11",
+        ),
+        Family(
+            name="gpt2", teacher_types=("gpt2",), student_types=("gpt2",), objective=CLM,
+            teacher_class="GPT2LMHeadModel", student_class="GPT2LMHeadModel",
+            backbone_attr="transformer", embeddings_attr="wte", layers_attr="h",
+            final_norm_attr="ln_f", head_attr="lm_head", head_keys=("wte",),  # GPT-2's head is tied to wte
+            command="distilkit init-student --teacher gpt2 --out runs/distilgpt2 --layers 0,2,4,7,9,11",
+        ),
+    )
+}
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.teacher_types)})" for f in FAMILIES.values())
+
+
+def by_model_type(model_type: str, *, role: str = "teacher", where: str = "") -> Family:
+    """The family whose teachers (role 'teacher') or students (role 'student') have this model_type."""
+    for fam in FAMILIES.values():
+        if model_type in (fam.teacher_types if role == "teacher" else fam.student_types):
+            return fam
+    kinds = supported() if role == "teacher" else ", ".join(
+        f"{'/'.join(f.student_types)} ({f.name})" for f in FAMILIES.values())
+    raise DistilkitError(f"{where + ': ' if where else ''}{role} model_type '{model_type}' is not supported "
+                         f"(supported {role}s: {kinds})")
+
+
+def family_of(model_or_config: Any) -> Family:
+    """The family of a model (or its config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    mtype = getattr(config, "model_type", None)
+    for fam in FAMILIES.values():
+        if mtype in fam.teacher_types or mtype in fam.student_types:
+            return fam
+    raise DistilkitError(f"model_type '{mtype}' is not supported (supported: {supported()})")
+
+
+def load_model(path: str, role: str, where: str) -> tuple[nn.Module, Family]:
+    """Load a teacher or student LM (safetensors only, no remote code) through its family's class."""
+    import warnings
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    fam = by_model_type(config.model_type, role=role, where=where)
+    cls = fam.classes()[0 if role == "teacher" else 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    return model, fam
+
+
+# =========================================================================== causal-LM objective
+
+
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token labels: position i predicts token i+1; the last position and padding get IGNORE_INDEX."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        nxt = torch.zeros_like(attention_mask, dtype=torch.bool)
+        nxt[:, :-1] = attention_mask[:, 1:].bool()
+        labels = labels.masked_fill(~(nxt & attention_mask.bool()), IGNORE_INDEX)
+    return labels
+
+
+def attention_of(fam: Family, ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Attention mask of corpus blocks: padding off for masked-LM families; a causal family's blocks are
+    packed without padding and its end-of-text token (often also its pad token) is real input."""
+    if fam.causal or tokenizer.pad_token_id is None:
+        return torch.ones_like(ids)
+    return (ids != tokenizer.pad_token_id).long()
+
+
+def causal_batch(ids: torch.Tensor, tokenizer: Any, fam: Family) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) of a causal-LM batch: no masking, next-token labels."""
+    attention = attention_of(fam, ids, tokenizer)
+    return ids, attention, causal_labels(ids, attention)
+
+
+@torch.no_grad()
+def evaluate_clm(
+    model: nn.Module, corpus: Any, tokenizer: Any, *, batch_size: int = 32, max_batches: int | None = None,
+    device: torch.device | str | None = None, **_: Any,
+) -> dict[str, Any]:
+    """Next-token top-1 accuracy and perplexity of a causal LM on held-out blocks (read in order)."""
+    fam = family_of(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = len(corpus)
+    n_batches = math.ceil(n / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    nll = 0.0
+    correct = count = blocks = 0
+    for b in range(n_batches):
+        ids = corpus.batch(torch.arange(b * batch_size, min(n, (b + 1) * batch_size)).numpy())
+        ids, attention, labels = causal_batch(ids, tokenizer, fam)
+        hidden = fam.hidden(model, ids.to(device), attention.to(device))
+        for row in range(ids.shape[0]):  # one row at a time: (seq, vocab) logits, not (batch, seq, vocab)
+            keep = labels[row] != IGNORE_INDEX
+            logits = fam.lm_logits(model, hidden[row][keep.to(device)]).float()
+            target = labels[row][keep].to(device)
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
+            count += int(target.numel())
+        blocks += int(ids.shape[0])
+    model.train(was_training)
+    loss = nll / max(count, 1)
+    return {"next_token_accuracy": correct / max(count, 1), "perplexity": math.exp(min(loss, 700.0)),
+            "loss": loss, "n_predicted": count, "n_blocks": blocks}
+
+
+def loss_weights(fam: Family, cfg: Any) -> dict[str, Any]:
+    """The loss configuration's fields for this family: a causal family's hard-target term is the causal-LM
+    cross-entropy weighted by `alpha_clm` (in the slot of `alpha_mlm`), with KL at every position."""
+    if not fam.causal:
+        return {"alpha_mlm": cfg.alpha_mlm, "kl_positions": cfg.kl_positions}
+    return {"alpha_mlm": cfg.alpha_clm, "kl_positions": "all"}
+
+
+# =========================================================================== fine-tuning
+
+
+def prepare_classifier(model: nn.Module, tokenizer: Any) -> None:
+    """GPT-2 classifies from the last non-padding token and needs a pad token: use end-of-text when unset."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
