@@ -108,7 +108,9 @@ def _add_prepare_corpus(sub: argparse._SubParsersAction) -> None:
         "prepare-corpus", help="tokenize text files into fixed [CLS] ... [SEP] blocks (memory-mapped shards)"
     )
     p.add_argument("--tokenizer", required=True, help="tokenizer: model folder, hub id, or 'minilm'")
-    p.add_argument("--input", required=True, nargs="+", metavar="FILE", help="UTF-8 text files (.gz accepted)")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help="UTF-8 text files (.gz accepted), JSONL / CSV / Parquet files, or hub dataset ids with --text-field")
+    p.add_argument("--text-field", metavar="NAME", help="the text field of JSONL / CSV / Parquet records (default: text)")
     p.add_argument("--out", required=True, help="output corpus folder")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block including [CLS] and [SEP] (default 128)")
     g = p.add_mutually_exclusive_group()
@@ -127,7 +129,7 @@ def _cmd_prepare_corpus(args: argparse.Namespace) -> int:
     meta = prepare_corpus(
         args.tokenizer, args.input, args.out, block_size=args.block_size, heldout_fraction=args.heldout_fraction,
         heldout_inputs=args.heldout, seed=args.seed, overwrite=args.overwrite,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, text_field=args.text_field,
     )
     for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks of {meta['block_size']} "

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, losses, models
+from . import checkpoint, families, losses, models
 from .checkpoint import CHECKPOINTS, RESUMABLE_CHANGES, InputsChanged, latest_checkpoint, list_checkpoints  # noqa: F401
 from .config import DistillConfig, TrainConfig, to_dict
 from .hardware import PRECISIONS, resolve_mixed_precision
@@ -100,8 +100,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("attention_dropout", "a probability in [0, 1) or none (the model's own)")
     masking_config(cfg)  # validates the masking fields
     if isinstance(cfg, DistillConfig):
-        if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos <= 0:
-            raise DistilkitError("config: alpha_ce, alpha_mlm, alpha_cos must be >= 0 and not all 0")
+        if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_clm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos <= 0:
+            raise DistilkitError("config: alpha_ce, alpha_mlm, alpha_clm, alpha_cos must be >= 0 and not all 0")
         if not cfg.temperature > 0:
             raise bad("temperature", "a positive softmax temperature")
         if cfg.kl_positions not in losses.KL_POSITIONS:
@@ -112,8 +112,9 @@ def masking_config(cfg: TrainConfig) -> MaskingConfig:
     return MaskingConfig(mlm_prob=cfg.mlm_prob, mask_frac=cfg.mask_frac, random_frac=cfg.random_frac, smoothing=cfg.smoothing)
 
 
-def loss_config(cfg: DistillConfig) -> losses.LossConfig:
-    return losses.LossConfig(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.kl_positions)
+def loss_config(cfg: DistillConfig, family: families.Family | None = None) -> losses.LossConfig:
+    weights = families.loss_weights(family or families.FAMILIES["bert"], cfg)  # GPT-2: alpha_clm, KL everywhere
+    return losses.LossConfig(cfg.alpha_ce, weights["alpha_mlm"], cfg.alpha_cos, cfg.temperature, weights["kl_positions"])
 
 
 # =========================================================================== corpus access
@@ -167,6 +168,8 @@ def evaluate_mlm(
     `masking` says otherwise), so two models evaluated with the same arguments see identical masks.
     Returns {"mlm_accuracy", "perplexity", "loss", "n_masked", "n_blocks", "seed"}.
     """
+    if families.family_of(model).causal:  # GPT-2: next-token accuracy and perplexity, no masking
+        return families.evaluate_clm(model, corpus, tokenizer, batch_size=batch_size, max_batches=max_batches, device=device)
     masking = masking or MaskingConfig()
     if masking.smoothing is not None:
         masking = dataclasses.replace(masking, smoothing=None)
@@ -526,11 +529,15 @@ def _micro_step(r: _Run, sync: bool) -> dict[str, Any]:
     tok = r.task.tokenizer
     ids = r.blocks.batch(rank_slice(r.order, r.micro, r.plan.batch_size, r.world, r.rank))
     r.micro += 1
-    attention = (ids != tok.pad_token_id).long()
-    masked, labels = mask_tokens(
-        ids, mask_token_id=tok.mask_token_id, vocab_size=r.blocks.vocab_size, special_ids=r.special,
-        cfg=r.masking, attention_mask=attention, weights=r.weights, generator=r.generator,
-    )
+    family = families.family_of(r.task.model)
+    if family.causal:  # GPT-2: no masking, next-token labels
+        masked, attention, labels = families.causal_batch(ids, tok, family)
+    else:
+        attention = (ids != tok.pad_token_id).long()
+        masked, labels = mask_tokens(
+            ids, mask_token_id=tok.mask_token_id, vocab_size=r.blocks.vocab_size, special_ids=r.special,
+            cfg=r.masking, attention_mask=attention, weights=r.weights, generator=r.generator,
+        )
     device = r.accelerator.device
     batch = {"input_ids": masked.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
     with contextlib.nullcontext() if sync else r.accelerator.no_sync(r.student):
@@ -735,10 +742,14 @@ def distill(
     if tmodel.config.vocab_size != smodel.config.vocab_size:
         raise DistilkitError(f"{student}: vocabulary size {smodel.config.vocab_size} differs from the teacher's "
                              f"{tmodel.config.vocab_size}: build the student with `distilkit init-student`")
-    if cfg.alpha_cos > 0 and tmodel.config.hidden_size != smodel.config.dim:
-        raise DistilkitError(f"{student}: hidden size {smodel.config.dim} differs from the teacher's "
+    if cfg.alpha_cos > 0 and tmodel.config.hidden_size != smodel.config.hidden_size:
+        raise DistilkitError(f"{student}: hidden size {smodel.config.hidden_size} differs from the teacher's "
                              f"{tmodel.config.hidden_size}: the cosine loss needs equal widths (set alpha_cos=0)")
-    task = TrainTask(model=smodel, tokenizer=tokenizer, loss=loss_config(cfg), teacher=tmodel, kind="distill")
+    family = families.family_of(smodel)
+    if families.family_of(tmodel) is not family:
+        raise DistilkitError(f"{student}: a {family.name} student cannot learn from a {families.family_of(tmodel).name} "
+                             "teacher: build the student from this teacher with `distilkit init-student`")
+    task = TrainTask(model=smodel, tokenizer=tokenizer, loss=loss_config(cfg, family), teacher=tmodel, kind="distill")
     result = train(task, corpus, out, cfg, resume=resume)
     teacher_fp = result.teacher_fingerprint
 

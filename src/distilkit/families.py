@@ -280,3 +280,31 @@ def prepare_classifier(model: nn.Module, tokenizer: Any) -> None:
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
+
+
+# =========================================================================== corpus packing
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How `prepare-corpus` frames a block: `[CLS] body [SEP]` (masked-LM tokenizers), or, for a causal-LM
+    tokenizer without [CLS]/[SEP] (GPT-2), a bare body with the end-of-text token after every line."""
+
+    cls_id: int | None
+    sep_id: int | None
+    eos_id: int | None  # appended after every line (document)
+    body: int  # stream tokens per block
+    text: str  # for meta.json
+
+
+def packing(tok: Any, block_size: int, where: str) -> Packing:
+    if tok.cls_token_id is not None and tok.sep_token_id is not None:
+        return Packing(tok.cls_token_id, tok.sep_token_id, None, block_size - 2,
+                       "continuous token stream over all lines and files, no separator between documents; "
+                       "each block = [CLS] + block_size-2 tokens + [SEP], no padding; final partial block dropped")
+    if tok.eos_token_id is not None:
+        return Packing(None, None, tok.eos_token_id, block_size,
+                       "continuous token stream over all lines and files, the end-of-text token after every line; "
+                       "each block = block_size tokens, no [CLS]/[SEP], no padding; final partial block dropped")
+    raise DistilkitError(f"{where}: tokenizer has neither [CLS]/[SEP] tokens (masked-LM families) nor an "
+                         "end-of-text token (causal-LM families)")
