@@ -66,6 +66,10 @@ def _stage_config(cls, path: str | None, overrides: list[str], section: str):
 
 def _print_mlm_scores(label: str, before: dict, after: dict) -> None:
     if before and after:
+        if "next_token_accuracy" in after:  # causal-LM family (GPT-2): families.evaluate_clm
+            print(f"{label}: held-out next-token top-1 {before['next_token_accuracy']:.2%} -> "
+                  f"{after['next_token_accuracy']:.2%}, perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}")
+            return
         print(f"{label}: held-out MLM top-1 {before['mlm_accuracy']:.2%} -> {after['mlm_accuracy']:.2%}, "
               f"perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} ({after['n_masked']} masked tokens)")
 
@@ -167,7 +171,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
           f"{r['world_size']} process(es), accumulation {r['accumulation']} -> {r['final']}")
     ev = r.get("eval")
     if ev:
-        print(f"distill: teacher held-out MLM top-1 {ev['teacher']['mlm_accuracy']:.2%} (ppl {ev['teacher']['perplexity']:.1f})")
+        t = ev["teacher"]
+        kind, acc = ("next-token", t["next_token_accuracy"]) if "next_token_accuracy" in t else ("MLM", t["mlm_accuracy"])
+        print(f"distill: teacher held-out {kind} top-1 {acc:.2%} (ppl {t['perplexity']:.1f})")
         _print_mlm_scores("distill: student", ev["student_before"], ev["student_after"])
     return 0
 
