@@ -273,13 +273,26 @@ def loss_weights(fam: Family, cfg: Any) -> dict[str, Any]:
 # =========================================================================== fine-tuning
 
 
-def prepare_classifier(model: nn.Module, tokenizer: Any) -> None:
-    """GPT-2 classifies from the last non-padding token and needs a pad token: use end-of-text when unset."""
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+def prepare_classifier(model: nn.Module) -> nn.Module:
+    """GPT-2 classifies from the last non-padding token and needs a pad id: its end-of-text token when unset."""
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        config.pad_token_id = config.eos_token_id
+    return model
 
+
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the pad token, else end-of-text (GPT-2, as `prepare_classifier`), else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def uses_token_types(model: nn.Module) -> bool:
+    """Whether segment ids carry information: not for RoBERTa (one token type) nor GPT-2 (none; its forward
+    would look `token_type_ids` up in the word embeddings)."""
+    return getattr(model.config, "type_vocab_size", 0) > 1
 
 
 # =========================================================================== corpus packing
