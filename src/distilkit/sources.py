@@ -58,8 +58,6 @@ class RecordSource:
     def _records(self):
         import datasets
 
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
         builder = builder_of(self.path)
         try:
             if builder is None:  # hub id (needs the network)
@@ -69,6 +67,19 @@ class RecordSource:
             raise fail_at(self.path, None, f"expected a readable {builder or 'hub'} dataset ({_first_line(exc)})") from None
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
+        import datasets
+
+        verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)  # its reader errors come back as one line here
+        datasets.disable_progress_bars()
+        try:
+            yield from self._read()
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
+
+    def _read(self) -> Iterator[tuple[int, str]]:
         from .corpus import clean_line
 
         records = self._records()
@@ -79,16 +90,16 @@ class RecordSource:
             except StopIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - malformed JSON / CSV / Parquet
-                raise fail_at(self.path, f"record {number + 1}", f"expected a well-formed record ({_first_line(exc)})") from None
+                raise fail_at(self.path, f"record {number + 1}", f"expected well-formed records from here on ({_first_line(exc)})") from None
             number += 1
             if self.text_field not in record:
                 have = ", ".join(map(str, record)) or "none"
                 raise fail_at(self.path, f"record {number}", f"expected a field '{self.text_field}' (fields: {have}); "
                               "choose one with --text-field")
             text = record[self.text_field]
-            if not isinstance(text, str):
-                raise fail_at(self.path, f"record {number}",
-                              f"expected a string in field '{self.text_field}', got {type(text).__name__}")
+            if not isinstance(text, str):  # a field absent from some records reads as None (schema of the file)
+                got = "nothing (missing or null)" if text is None else type(text).__name__
+                raise fail_at(self.path, f"record {number}", f"expected a string in field '{self.text_field}', got {got}")
             for line in text.splitlines():
                 line = clean_line(line)
                 if line:
