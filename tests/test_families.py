@@ -305,3 +305,38 @@ def test_finetune_end_to_end(name, task, students, tmp_path):
     ev = evaluate(str(model_dir), task, str(data), batch_size=5)  # another batch size: other padding, same scores
     for k, v in r["seeds"][0]["metrics"].items():
         assert ev["metrics"][k] == pytest.approx(v, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- bench, adapt-teacher
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_bench_counts_and_times_both_families(name, teachers, students):
+    from distilkit.bench import bench
+
+    sentences = [("the film was very good", None), ("a man in the city", "the story was bad")] * 4
+    r = bench(str(teachers[name]), str(students[name]), sentences, {}, rounds=1, batch_size=4, warmup=1)
+    t, s = r["teacher"], r["student"]
+    assert (t["layers"], s["layers"]) == (4, 2) and s["params"] < t["params"]
+    # GPT-2's head is tied to its word embeddings: the causal-LM model has no more parameters than the decoder
+    assert (s["params_with_head"] == s["params"]) if name == "gpt2" else (s["params_with_head"] > s["params"] - 1000)
+
+
+def test_adapt_teacher_gives_a_headless_roberta_a_trained_head(tmp_path, tiny_text_file):
+    from transformers import RobertaModel
+
+    from distilkit.adapt import adapt_teacher
+    from distilkit.config import AdaptConfig
+
+    teacher = make_roberta_teacher(tmp_path / "t")
+    RobertaModel.from_pretrained(teacher).save_pretrained(tmp_path / "headless")  # a sentence-encoder-like checkpoint
+    load_tokenizer(str(teacher)).save_pretrained(tmp_path / "headless")
+    prepare_corpus(str(teacher), [str(tiny_text_file)], str(tmp_path / "c"), block_size=32, heldout_fraction=0.15,
+                   progress=False)
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        load_teacher(str(tmp_path / "headless"))
+    r = adapt_teacher(str(tmp_path / "headless"), str(tmp_path / "c"), str(tmp_path / "adapted"),
+                      AdaptConfig(steps=20, batch_size=8, lr=5e-3, eval_batches=None))
+    assert r["after"]["perplexity"] < r["before"]["perplexity"]
+    model, had_head = load_teacher(str(tmp_path / "adapted"))
+    assert had_head and type(model).__name__ == "RobertaForMaskedLM"

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
 from . import tasks
+from .families import lm_auto_class, with_pad_token
 from .models import count_parameters, has_mlm_head, load_tokenizer, resolve_model
 from .utils import DistilkitError, fail_at, model_fingerprint, provenance, sha256_file, sha256_text
 
@@ -139,7 +140,7 @@ def param_counts(config: PretrainedConfig, with_head: bool) -> tuple[int, int | 
     """
     with torch.device("meta"):
         encoder = count_parameters(AutoModel.from_config(config))
-        head = count_parameters(AutoModelForMaskedLM.from_config(config)) if with_head else None
+        head = count_parameters(lm_auto_class(config).from_config(config)) if with_head else None  # GPT-2: causal LM
     return encoder, head
 
 
@@ -237,7 +238,7 @@ def bench(
         loaded = count_parameters(model)
         if loaded != params:
             raise DistilkitError(f"{name}: loaded encoder has {loaded} parameters, its config says {params}")
-        singles, batches, n_tokens = _prepare(load_tokenizer(path), model, sentences, batch_size, max_length, dev)
+        singles, batches, n_tokens = _prepare(with_pad_token(load_tokenizer(path)), model, sentences, batch_size, max_length, dev)
         models[role] = dict(
             name=name, model=model, singles=singles, batches=batches,
             info={

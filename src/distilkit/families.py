@@ -289,6 +289,21 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def with_pad_token(tokenizer: Any) -> Any:
+    """The tokenizer, with end-of-text as its pad token when it has none (GPT-2), for batched padding."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lm_auto_class(config: Any) -> type:
+    """`AutoModelForCausalLM` for a causal family's config, `AutoModelForMaskedLM` otherwise."""
+    import transformers
+
+    causal = any(config.model_type in f.teacher_types + f.student_types for f in FAMILIES.values() if f.causal)
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
+
+
 def uses_token_types(model: nn.Module) -> bool:
     """Whether segment ids carry information: not for RoBERTa (one token type) nor GPT-2 (none; its forward
     would look `token_type_ids` up in the word embeddings)."""
