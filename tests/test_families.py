@@ -226,6 +226,15 @@ def test_distill_loss_falls_and_scores_improve(name, teachers, students, corpora
     auto = AutoModelForCausalLM if name == "gpt2" else AutoModelForMaskedLM
     model = auto.from_pretrained(out / "final", use_safetensors=True)
     assert model.config.num_hidden_layers == 2
+    # the report names the held-out evaluation after the objective
+    from distilkit.report import write_report
+
+    (tmp_path / "report").mkdir()
+    out.rename(tmp_path / "report" / "distill")
+    write_report(tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert ("## Next-token (causal-LM) evaluation" in md) == (name == "gpt2")
+    assert ("## Masked-LM evaluation" in md) == (name != "gpt2")
 
 
 def test_gpt2_objective_is_causal_cross_entropy_plus_kl_everywhere(teachers, students, corpora):
