@@ -349,3 +349,21 @@ def test_adapt_teacher_gives_a_headless_roberta_a_trained_head(tmp_path, tiny_te
     assert r["after"]["perplexity"] < r["before"]["perplexity"]
     model, had_head = load_teacher(str(tmp_path / "adapted"))
     assert had_head and type(model).__name__ == "RobertaForMaskedLM"
+
+
+def test_xlm_roberta_shaped_teacher_is_the_roberta_family(teachers, tmp_path):
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    config = XLMRobertaConfig(**{k: v for k, v in json.loads((teachers["roberta"] / "config.json").read_text()).items()
+                                 if k not in ("model_type", "architectures", "transformers_version")})
+    torch.manual_seed(1)
+    model = XLMRobertaForMaskedLM(config)
+    _perturb(model)
+    model.save_pretrained(tmp_path / "xlmr")
+    load_tokenizer(str(teachers["roberta"])).save_pretrained(tmp_path / "xlmr")
+    init_student(str(tmp_path / "xlmr"), str(tmp_path / "s"), layers=[0, 1, 2, 3])
+    student = load_student(str(tmp_path / "s"))
+    assert type(student).__name__ == "XLMRobertaForMaskedLM" and families.family_of(student).name == "roberta"
+    batch = _padded_batch(load_tokenizer(str(tmp_path / "xlmr")))
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(**batch).logits, model.eval()(**batch).logits, atol=1e-4, rtol=0)
