@@ -8,10 +8,6 @@ student with every layer kept equals the teacher, loads with the Auto classes wi
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +19,12 @@ from distilkit import families
 from distilkit.cli import main
 from distilkit.config import DistillConfig, FinetuneConfig
 from distilkit.corpus import BlockCorpus, prepare_corpus
-from distilkit.distill import distill, latest_checkpoint
+from distilkit.distill import distill
 from distilkit.finetune import evaluate, finetune
 from distilkit.models import load_student, load_teacher, load_tokenizer
 from distilkit.student import init_student
 from distilkit.utils import DistilkitError
-from test_distill import _assert_same_weights, _env, _metrics
+from test_distill import _metrics, sigkill_resume_matches_uninterrupted
 from test_tasks import write_task_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,10 +49,13 @@ def tiny_bpe_tokenizer(specials: list[str], roberta_post: bool = False, **named)
     return PreTrainedTokenizerFast(tokenizer_object=tk, **named)
 
 
-def _perturb(model: torch.nn.Module) -> None:
+def _save(folder: Path, model: torch.nn.Module, tokenizer) -> Path:
     with torch.no_grad():  # break the symmetric init so that copies are really tested
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def make_roberta_teacher(folder: Path, layers: int = 4) -> Path:
@@ -68,11 +67,7 @@ def make_roberta_teacher(folder: Path, layers: int = 4) -> Path:
     cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
                         bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = RobertaForMaskedLM(cfg)
-    _perturb(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return _save(folder, RobertaForMaskedLM(cfg), tok)
 
 
 def make_gpt2_teacher(folder: Path, layers: int = 4) -> Path:
@@ -82,11 +77,7 @@ def make_gpt2_teacher(folder: Path, layers: int = 4) -> Path:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0,
                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg)
-    _perturb(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return _save(folder, GPT2LMHeadModel(cfg), tok)
 
 
 MAKERS = {"roberta": make_roberta_teacher, "gpt2": make_gpt2_teacher}
@@ -272,22 +263,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, teachers, students,
                 str(corpora[name]), "--out", str(out), "--set", "steps=60", "--set", "batch_size=4",
                 "--set", "save_every=10", "--set", "lr=1e-3", "--set", "eval_batches=1", *extra]
 
-    victim = subprocess.Popen([sys.executable, "-m", "distilkit.cli", *args(tmp_path / "cut")], env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = tmp_path / "cut" / "checkpoints" / "step-00000010"
-    deadline = time.time() + 180
-    while not first.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    _, err = victim.communicate()
-    assert victim.returncode == -signal.SIGKILL, err.decode()[-2000:]
-    assert not (tmp_path / "cut" / "final").exists(), "the run was not killed mid-way"
-    killed_at = latest_checkpoint(tmp_path / "cut")
-    assert main(args(tmp_path / "cut", "--resume")) == 0
-    assert main(args(tmp_path / "full")) == 0
-    summary = json.loads((tmp_path / "cut" / "distill.json").read_text())
-    assert summary["resumed_from"] == str(killed_at) and summary["steps"] == 60
-    _assert_same_weights(tmp_path / "full" / "final", tmp_path / "cut" / "final")
+    sigkill_resume_matches_uninterrupted(args, tmp_path, steps=60)
 
 
 def test_student_and_teacher_of_different_families_are_refused(teachers, students, corpora, tmp_path):
@@ -358,9 +334,7 @@ def test_xlm_roberta_shaped_teacher_is_the_roberta_family(teachers, tmp_path):
                                  if k not in ("model_type", "architectures", "transformers_version")})
     torch.manual_seed(1)
     model = XLMRobertaForMaskedLM(config)
-    _perturb(model)
-    model.save_pretrained(tmp_path / "xlmr")
-    load_tokenizer(str(teachers["roberta"])).save_pretrained(tmp_path / "xlmr")
+    _save(tmp_path / "xlmr", model, load_tokenizer(str(teachers["roberta"])))
     init_student(str(tmp_path / "xlmr"), str(tmp_path / "s"), layers=[0, 1, 2, 3])
     student = load_student(str(tmp_path / "s"))
     assert type(student).__name__ == "XLMRobertaForMaskedLM" and families.family_of(student).name == "roberta"

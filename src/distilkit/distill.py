@@ -149,6 +149,9 @@ def check_corpus_tokenizer(blocks: Any, tokenizer: Any, model: Any, where: str |
 # =========================================================================== held-out evaluation
 
 
+_EVAL_CHUNK = 4096  # positions scored at a time
+
+
 @torch.no_grad()
 def evaluate_mlm(
     model: torch.nn.Module,
@@ -166,10 +169,10 @@ def evaluate_mlm(
 
     Blocks are read in order and masked with a generator seeded by `seed` (uniform 15%/80-10-10 unless
     `masking` says otherwise), so two models evaluated with the same arguments see identical masks.
-    Returns {"mlm_accuracy", "perplexity", "loss", "n_masked", "n_blocks", "seed"}.
+    Returns {"mlm_accuracy", "perplexity", "loss", "n_masked", "n_blocks", "seed"}; for a causal-LM family
+    (GPT-2, families.py) no masking: every next token, {"next_token_accuracy", ..., "n_predicted", ...}.
     """
-    if families.family_of(model).causal:  # GPT-2: next-token accuracy and perplexity, no masking
-        return families.evaluate_clm(model, corpus, tokenizer, batch_size=batch_size, max_batches=max_batches, device=device)
+    family = families.family_of(model)
     masking = masking or MaskingConfig()
     if masking.smoothing is not None:
         masking = dataclasses.replace(masking, smoothing=None)
@@ -186,26 +189,33 @@ def evaluate_mlm(
     correct = count = blocks = 0
     for b in progress_bar(range(n_batches), desc="eval", enabled=progress is not False):
         ids = corpus.batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)))
-        attention = (ids != tokenizer.pad_token_id).long()
-        masked, labels = mask_tokens(
-            ids, mask_token_id=tokenizer.mask_token_id, vocab_size=corpus.vocab_size, special_ids=special,
-            cfg=masking, attention_mask=attention, generator=generator,
-        )
+        if family.causal:
+            masked, attention, labels = families.causal_batch(ids, tokenizer, family)
+        else:
+            attention = (ids != tokenizer.pad_token_id).long()
+            masked, labels = mask_tokens(
+                ids, mask_token_id=tokenizer.mask_token_id, vocab_size=corpus.vocab_size, special_ids=special,
+                cfg=masking, attention_mask=attention, generator=generator,
+            )
         hidden = models.encoder_hidden(model, masked.to(device), attention.to(device))
         select = (labels.reshape(-1) != losses.IGNORE_INDEX).to(device)
-        logits = models.mlm_logits(model, hidden.reshape(-1, hidden.shape[-1])[select]).float()
-        target = labels.reshape(-1).to(device)[select]
-        nll += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
-        count += int(target.numel())
+        selected = hidden.reshape(-1, hidden.shape[-1])[select]
+        targets = labels.reshape(-1).to(device)[select]
+        for start in range(0, len(targets), _EVAL_CHUNK):  # bounded (positions x vocabulary) logits
+            logits = models.mlm_logits(model, selected[start : start + _EVAL_CHUNK]).float()
+            target = targets[start : start + _EVAL_CHUNK]
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
+        count += int(targets.numel())
         blocks += int(ids.shape[0])
     model.train(was_training)
     loss = nll / max(count, 1)
+    accuracy, n_scored = ("next_token_accuracy", "n_predicted") if family.causal else ("mlm_accuracy", "n_masked")
     return {
-        "mlm_accuracy": correct / max(count, 1),
+        accuracy: correct / max(count, 1),
         "perplexity": math.exp(min(loss, 700.0)),
         "loss": loss,
-        "n_masked": count,
+        n_scored: count,
         "n_blocks": blocks,
         "seed": seed,
     }

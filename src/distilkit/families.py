@@ -19,18 +19,16 @@ norm and the tied head are the teacher's. With every layer kept the student *is*
 
 Causal-LM objective (GPT-2): no masking; labels are the next token (`causal_labels`), the KL term is taken
 at every position, the cross-entropy (`alpha_clm`) at every position that has a next token, and the held-out
-score is next-token accuracy and perplexity (`evaluate_clm`).
+score is next-token accuracy and perplexity (`distill.evaluate_mlm` with a causal model).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .utils import DistilkitError
@@ -226,40 +224,6 @@ def causal_batch(ids: torch.Tensor, tokenizer: Any, fam: Family) -> tuple[torch.
     """(input_ids, attention_mask, labels) of a causal-LM batch: no masking, next-token labels."""
     attention = attention_of(fam, ids, tokenizer)
     return ids, attention, causal_labels(ids, attention)
-
-
-@torch.no_grad()
-def evaluate_clm(
-    model: nn.Module, corpus: Any, tokenizer: Any, *, batch_size: int = 32, max_batches: int | None = None,
-    device: torch.device | str | None = None, **_: Any,
-) -> dict[str, Any]:
-    """Next-token top-1 accuracy and perplexity of a causal LM on held-out blocks (read in order)."""
-    fam = family_of(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n = len(corpus)
-    n_batches = math.ceil(n / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    nll = 0.0
-    correct = count = blocks = 0
-    for b in range(n_batches):
-        ids = corpus.batch(torch.arange(b * batch_size, min(n, (b + 1) * batch_size)).numpy())
-        ids, attention, labels = causal_batch(ids, tokenizer, fam)
-        hidden = fam.hidden(model, ids.to(device), attention.to(device))
-        for row in range(ids.shape[0]):  # one row at a time: (seq, vocab) logits, not (batch, seq, vocab)
-            keep = labels[row] != IGNORE_INDEX
-            logits = fam.lm_logits(model, hidden[row][keep.to(device)]).float()
-            target = labels[row][keep].to(device)
-            nll += float(F.cross_entropy(logits, target, reduction="sum"))
-            correct += int((logits.argmax(-1) == target).sum())
-            count += int(target.numel())
-        blocks += int(ids.shape[0])
-    model.train(was_training)
-    loss = nll / max(count, 1)
-    return {"next_token_accuracy": correct / max(count, 1), "perplexity": math.exp(min(loss, 700.0)),
-            "loss": loss, "n_predicted": count, "n_blocks": blocks}
 
 
 def loss_weights(fam: Family, cfg: Any) -> dict[str, Any]:
