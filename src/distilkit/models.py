@@ -86,9 +86,9 @@ def has_mlm_head(path: str) -> bool:
     if keys is None:  # hub id: trust the architecture name
         archs = AutoConfig.from_pretrained(path).architectures or []
         return any("MaskedLM" in a or "ForPreTraining" in a for a in archs)
-    from .families import by_model_type
+    from .families import family_of
 
-    fragments = by_model_type(model_type(path), where=path).head_keys
+    fragments = family_of(AutoConfig.from_pretrained(path, trust_remote_code=False)).head_keys  # teacher or student
     return any(f in k for f in fragments for k in keys)
 
 
