@@ -148,7 +148,9 @@ def test_every_layer_kept_equals_teacher_and_loads_with_auto_classes(name, teach
     for (k, v), (k2, v2) in zip(t_layers[2].state_dict().items(), s_layers[1].state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     if name == "gpt2":  # final norm copied, head still tied to the word embeddings
-        assert torch.equal(model.transformer.ln_f.weight, t_model.transformer.ln_f.weight)
+        norm = families._attr(fam.backbone(model), fam.final_norm_attr)
+        assert norm is model.transformer.ln_f and torch.equal(norm.weight, t_model.transformer.ln_f.weight)
+        assert families._attr(fam.backbone(model), fam.embeddings_attr) is model.get_input_embeddings()
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     meta = json.loads((tmp_path / "cut" / "distilkit_student.json").read_text())
     assert meta["family"] == name and meta["layers"] == [0, 2]

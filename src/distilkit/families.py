@@ -25,7 +25,7 @@ score is next-token accuracy and perplexity (`distill.evaluate_mlm` with a causa
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,8 +59,8 @@ class Family:
     final_norm_attr: str | None  # GPT-2's ln_f (from the backbone); None when there is none
     head_attr: str  # the LM head (from the model)
     head_keys: tuple[str, ...]  # checkpoint tensor-name fragments that show a trained LM head
-    command: str  # an example init-student command (README, errors)
-    extra: dict = field(default_factory=dict)
+    title: str = ""  # as people write it: BERT, RoBERTa, GPT-2
+    student_backbone_attr: str | None = None  # when the student class differs from the teacher's (DistilBERT)
 
     @property
     def causal(self) -> bool:
@@ -72,7 +72,7 @@ class Family:
         return getattr(transformers, self.teacher_class), getattr(transformers, self.student_class)
 
     def backbone(self, model: nn.Module) -> nn.Module:
-        name = self.backbone_attr if not self.is_student(model) else self.extra.get("student_backbone", self.backbone_attr)
+        name = self.student_backbone_attr if self.student_backbone_attr and self.is_student(model) else self.backbone_attr
         return _attr(model, name)
 
     def is_student(self, model: nn.Module) -> bool:
@@ -137,29 +137,28 @@ FAMILIES: dict[str, Family] = {
             teacher_class="BertForMaskedLM", student_class="DistilBertForMaskedLM",
             backbone_attr="bert", embeddings_attr="embeddings.word_embeddings", layers_attr="encoder.layer",
             final_norm_attr=None, head_attr="cls", head_keys=("predictions.transform", "vocab_transform"),
-            command="distilkit init-student --teacher bert-base-uncased --out runs/distilbert",
-            extra={"student_backbone": "distilbert"},
+            title="BERT", student_backbone_attr="distilbert",
         ),
         Family(
             name="roberta", teacher_types=("roberta", "xlm-roberta"), student_types=("roberta", "xlm-roberta"),
             objective=MLM, teacher_class="AutoModelForMaskedLM", student_class="AutoModelForMaskedLM",
             backbone_attr="roberta", embeddings_attr="embeddings.word_embeddings", layers_attr="encoder.layer",
             final_norm_attr=None, head_attr="lm_head", head_keys=("lm_head.dense",),
-            command="distilkit init-student --teacher roberta-base --out runs/distilroberta --layers 0,2,4,7,9,11",
+            title="RoBERTa",
         ),
         Family(
             name="gpt2", teacher_types=("gpt2",), student_types=("gpt2",), objective=CLM,
             teacher_class="GPT2LMHeadModel", student_class="GPT2LMHeadModel",
             backbone_attr="transformer", embeddings_attr="wte", layers_attr="h",
             final_norm_attr="ln_f", head_attr="lm_head", head_keys=("wte",),  # GPT-2's head is tied to wte
-            command="distilkit init-student --teacher gpt2 --out runs/distilgpt2 --layers 0,2,4,7,9,11",
+            title="GPT-2",
         ),
     )
 }
 
 
 def supported() -> str:
-    return ", ".join(f"{f.name} ({'/'.join(f.teacher_types)})" for f in FAMILIES.values())
+    return ", ".join(f"{f.title}-family ({', '.join(f.teacher_types)})" for f in FAMILIES.values())
 
 
 def by_model_type(model_type: str, *, role: str = "teacher", where: str = "") -> Family:
