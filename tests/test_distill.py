@@ -64,6 +64,29 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
 
 
+def sigkill_resume_matches_uninterrupted(args, tmp_path: Path, steps: int) -> None:
+    """`distill` ARGS(OUT) in a separate process, SIGKILLed once its first checkpoint (step 10) is on disk, then
+    resumed through the CLI (in this process, one thread like the killed one): the same weights as a run in one go."""
+    from distilkit.cli import main
+
+    first = tmp_path / "cut" / "checkpoints" / "step-00000010"
+    victim = subprocess.Popen([sys.executable, "-m", "distilkit.cli", *args(tmp_path / "cut")], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not first.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    _, err = victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert first.exists() and not (tmp_path / "cut" / "final").exists(), "the run was not killed mid-way"
+    killed_at = latest_checkpoint(tmp_path / "cut")
+    assert main(args(tmp_path / "cut", "--resume")) == 0
+    assert main(args(tmp_path / "full")) == 0
+    summary = json.loads((tmp_path / "cut" / "distill.json").read_text())
+    assert summary["resumed_from"] == str(killed_at) and summary["steps"] == steps
+    _assert_same_weights(tmp_path / "full" / "final", tmp_path / "cut" / "final")
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
@@ -185,32 +208,12 @@ def test_in_process_resume_is_exact(tiny_teacher, tiny_student, tiny_corpus, tmp
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_teacher, tiny_student, tiny_corpus, tmp_path):
-    from distilkit.cli import main
-
     def args(out: Path, *extra: str) -> list[str]:
         return ["distill", "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--corpus", str(tiny_corpus),
                 "--out", str(out), "--set", "steps=120", "--set", "batch_size=4", "--set", "save_every=10",
                 "--set", "lr=1e-3", "--set", "eval_batches=1", *extra]
 
-    # a separate process, killed with SIGKILL once its first checkpoint is on disk
-    victim = subprocess.Popen([sys.executable, "-m", "distilkit.cli", *args(tmp_path / "cut")], env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = tmp_path / "cut" / "checkpoints" / "step-00000010"
-    deadline = time.time() + 180
-    while not first.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    _, err = victim.communicate()
-    assert victim.returncode == -signal.SIGKILL, err.decode()[-2000:]
-    assert first.exists() and not (tmp_path / "cut" / "final").exists(), "the run was not killed mid-way"
-    killed_at = latest_checkpoint(tmp_path / "cut")
-
-    # resumed through the CLI (in this process, one thread like the killed one), and an uninterrupted run
-    assert main(args(tmp_path / "cut", "--resume")) == 0
-    assert main(args(tmp_path / "full")) == 0
-    summary = json.loads((tmp_path / "cut" / "distill.json").read_text())
-    assert summary["resumed_from"] == str(killed_at) and summary["steps"] == 120
-    _assert_same_weights(tmp_path / "full" / "final", tmp_path / "cut" / "final")
+    sigkill_resume_matches_uninterrupted(args, tmp_path, steps=120)
     assert not [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
 
 

@@ -35,6 +35,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, PretrainedConfig
 
 from . import tasks
 from .corpus import TextSource
+from .families import lm_auto_class, with_pad_token
 from .models import count_parameters, has_mlm_head, load_config, load_pretrained, load_tokenizer, resolve_model
 from .utils import DistilkitError, fail_at, model_fingerprint, provenance, sha256_file, sha256_text
 
@@ -144,7 +145,7 @@ def param_counts(config: PretrainedConfig, with_head: bool) -> tuple[int, int | 
     """
     with torch.device("meta"):
         encoder = count_parameters(AutoModel.from_config(config))
-        head = count_parameters(AutoModelForMaskedLM.from_config(config)) if with_head else None
+        head = count_parameters(lm_auto_class(config).from_config(config)) if with_head else None  # GPT-2: causal LM
     return encoder, head
 
 
@@ -213,12 +214,13 @@ def extra_rows(models: dict[str, dict[str, Any]], dev: torch.device, onnx: bool 
     import shutil
     import tempfile
 
-    from .export import encoder_runners, onnx_available
+    from .export import SUPPORTED_TYPES, encoder_runners, onnx_available
     from .hardware import cpu_has_bf16
 
     rows: dict[str, dict] = {}
     cpu = dev.type == "cpu"
-    if onnx or (onnx is None and cpu and onnx_available()):
+    exportable = models["student"]["info"].get("model_type") in SUPPORTED_TYPES  # None: only where export supports it
+    if onnx or (onnx is None and cpu and onnx_available() and exportable):
         if not cpu:
             raise DistilkitError("--onnx rows run on the CPU (ONNX Runtime's CPU provider): use --device cpu")
         s = models["student"]
@@ -285,7 +287,7 @@ def bench(
         loaded = count_parameters(model)
         if loaded != params:
             raise DistilkitError(f"{name}: loaded encoder has {loaded} parameters, its config says {params}")
-        singles, batches, n_tokens = _prepare(load_tokenizer(path), model, sentences, batch_size, max_length, dev)
+        singles, batches, n_tokens = _prepare(with_pad_token(load_tokenizer(path)), model, sentences, batch_size, max_length, dev)
         models[role] = dict(
             name=name, path=path, model=model, singles=singles, batches=batches,
             info={

@@ -66,6 +66,10 @@ def _stage_config(cls, path: str | None, overrides: list[str], section: str):
 
 def _print_mlm_scores(label: str, before: dict, after: dict) -> None:
     if before and after:
+        if "next_token_accuracy" in after:  # causal-LM family (GPT-2): families.evaluate_clm
+            print(f"{label}: held-out next-token top-1 {before['next_token_accuracy']:.2%} -> "
+                  f"{after['next_token_accuracy']:.2%}, perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}")
+            return
         print(f"{label}: held-out MLM top-1 {before['mlm_accuracy']:.2%} -> {after['mlm_accuracy']:.2%}, "
               f"perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} ({after['n_masked']} masked tokens)")
 
@@ -108,7 +112,9 @@ def _add_prepare_corpus(sub: argparse._SubParsersAction) -> None:
         "prepare-corpus", help="tokenize text files into fixed [CLS] ... [SEP] blocks (memory-mapped shards)"
     )
     p.add_argument("--tokenizer", required=True, help="tokenizer: model folder, hub id, or 'minilm'")
-    p.add_argument("--input", required=True, nargs="+", metavar="FILE", help="UTF-8 text files (.gz accepted)")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help="UTF-8 text files (.gz accepted), JSONL / CSV / Parquet files, or hub dataset ids with --text-field")
+    p.add_argument("--text-field", metavar="NAME", help="the text field of JSONL / CSV / Parquet records (default: text)")
     p.add_argument("--out", required=True, help="output corpus folder")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block including [CLS] and [SEP] (default 128)")
     g = p.add_mutually_exclusive_group()
@@ -127,7 +133,7 @@ def _cmd_prepare_corpus(args: argparse.Namespace) -> int:
     meta = prepare_corpus(
         args.tokenizer, args.input, args.out, block_size=args.block_size, heldout_fraction=args.heldout_fraction,
         heldout_inputs=args.heldout, seed=args.seed, overwrite=args.overwrite,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, text_field=args.text_field,
     )
     for split, info in meta["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks of {meta['block_size']} "
@@ -165,7 +171,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
           f"{r['world_size']} process(es), accumulation {r['accumulation']} -> {r['final']}")
     ev = r.get("eval")
     if ev:
-        print(f"distill: teacher held-out MLM top-1 {ev['teacher']['mlm_accuracy']:.2%} (ppl {ev['teacher']['perplexity']:.1f})")
+        t = ev["teacher"]
+        kind, acc = ("next-token", t["next_token_accuracy"]) if "next_token_accuracy" in t else ("MLM", t["mlm_accuracy"])
+        print(f"distill: teacher held-out {kind} top-1 {acc:.2%} (ppl {t['perplexity']:.1f})")
         _print_mlm_scores("distill: student", ev["student_before"], ev["student_after"])
     return 0
 

@@ -231,6 +231,7 @@ class DistillConfig(TrainConfig):
 
     alpha_ce: float = 5.0  # soft-target KL (0 switches the term off, as in the paper's Table 4)
     alpha_mlm: float = 2.0  # masked-LM cross-entropy
+    alpha_clm: float = 2.0  # causal-LM cross-entropy, in place of alpha_mlm for a GPT-2 student (families.py)
     alpha_cos: float = 1.0  # cosine between last hidden states
     temperature: float = 2.0
     kl_positions: str = "masked"  # KL at masked positions, or "all" non-padding positions (the paper's code: all)

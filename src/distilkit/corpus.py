@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import families
+from .sources import RecordSource, is_hub_id, is_record_source
 from .utils import DistilkitError, atomic_dir, atomic_write_json, fail_at, provenance
 
 FORMAT = "distilkit-block-corpus"
@@ -219,9 +221,12 @@ class _SplitWriter:
         if len(bodies) == 0:
             return
         blocks = np.empty((len(bodies), self.block_size), dtype=self.dtype)
-        blocks[:, 0] = self.cls_id
-        blocks[:, 1:-1] = bodies
-        blocks[:, -1] = self.sep_id
+        if self.cls_id is None:  # causal-LM packing: bare bodies (families.packing)
+            blocks[:] = bodies
+        else:
+            blocks[:, 0] = self.cls_id
+            blocks[:, 1:-1] = bodies
+            blocks[:, -1] = self.sep_id
         blocks = blocks.astype(self.dtype.newbyteorder("<"), copy=False)
         start = 0
         while start < len(blocks):
@@ -270,8 +275,12 @@ def prepare_corpus(
     *,
     shard_blocks: int = DEFAULT_SHARD_BLOCKS,
     chunk_lines: int = CHUNK_LINES,
+    text_field: str | None = None,
 ) -> dict:
     """Tokenize `inputs` into `[CLS] ... [SEP]` blocks of `block_size` tokens under `out`; return the meta dict.
+
+    Inputs are text files, or JSONL / CSV / Parquet files (and, with `text_field`, hub dataset ids) whose
+    `text_field` (default "text") is read (sources.py). A GPT-2-style tokenizer packs bare blocks (families.packing).
 
     Held-out split: either `heldout_fraction` F (each block goes to `heldout` with probability F,
     decided by a numpy generator seeded with `seed`, in stream order) or `heldout_inputs` (separate
@@ -285,7 +294,7 @@ def prepare_corpus(
     if not inputs:
         raise DistilkitError("prepare-corpus: expected at least one input file")
     for path in inputs + heldout_inputs:
-        if not Path(path).is_file():
+        if not Path(path).is_file() and not (text_field and is_hub_id(path)):
             raise fail_at(path, None, _not_a_file(Path(path)))
     from .utils import check_output_not_input  # an --out that is or holds an input would destroy it (--overwrite)
     check_output_not_input(out, tokenizer, *inputs, *heldout_inputs)
@@ -301,8 +310,7 @@ def prepare_corpus(
     tok = load_tokenizer(tokenizer)
     if not getattr(tok, "is_fast", False):
         raise DistilkitError(f"{tokenizer}: expected a fast (Rust) tokenizer with tokenizer.json or a WordPiece vocab")
-    if tok.cls_token_id is None or tok.sep_token_id is None:
-        raise DistilkitError(f"{tokenizer}: tokenizer has no [CLS]/[SEP] tokens (a BERT-style tokenizer is expected)")
+    pack = families.packing(tok, block_size, str(tokenizer))  # [CLS] body [SEP], or GPT-2: body, end-of-text per line
     max_len = tok.model_max_length
     if max_len is not None and max_len < 1_000_000 and block_size > max_len:
         raise DistilkitError(f"prepare-corpus: block_size {block_size} exceeds the tokenizer's model_max_length {max_len}")
@@ -312,15 +320,17 @@ def prepare_corpus(
                              f"{tokenizer} (config.json max_position_embeddings)")
     vocab_size = len(tok)
     dtype = dtype_for_vocab(vocab_size)
-    body = block_size - 2
+    body = pack.body
 
     def tokenize(lines: list[str]) -> np.ndarray:
         # verbose=False silences "sequence longer than max length": blocks are cut later
         ids = tok(lines, add_special_tokens=False, truncation=False, return_attention_mask=False,
                   return_token_type_ids=False, verbose=False)["input_ids"]
+        if pack.eos_id is not None:
+            ids = [line + [pack.eos_id] for line in ids]
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
 
-    total_bytes = sum(Path(p).stat().st_size for p in inputs + heldout_inputs)
+    total_bytes = sum(Path(p).stat().st_size for p in inputs + heldout_inputs if Path(p).is_file())
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare-corpus", disable=_progress_disabled(progress))
 
     def stream(paths: list[str], on_bodies: Callable[[np.ndarray], None]) -> tuple[list[dict], _Packer]:
@@ -328,7 +338,8 @@ def prepare_corpus(
         packer = _Packer(body)
         sources = []
         for path in paths:
-            src = TextSource(path, on_bytes=bar.update)
+            src = (RecordSource(path, text_field, bar.update) if is_record_source(path, text_field)
+                   else TextSource(path, on_bytes=bar.update))  # JSONL / CSV / Parquet / hub: sources.py
             for lines in _chunks(iter(src), chunk_lines, CHUNK_CHARS):
                 on_bodies(packer.add(tokenize(lines)))
             sources.append({"path": str(path), "sha256": src.sha256, "bytes": src.nbytes, "lines": src.lines})
@@ -336,7 +347,7 @@ def prepare_corpus(
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writers = {
-            split: _SplitWriter(tmp, split, block_size, dtype, shard_blocks, tok.cls_token_id, tok.sep_token_id)
+            split: _SplitWriter(tmp, split, block_size, dtype, shard_blocks, pack.cls_id, pack.sep_id)
             for split in SPLITS
         }
         counts = np.zeros(vocab_size, dtype=np.int64)
@@ -400,8 +411,8 @@ def prepare_corpus(
             "block_size": block_size,
             "dtype": dtype.name,
             "byte_order": "little",
-            "packing": "continuous token stream over all lines and files, no separator between documents; "
-            "each block = [CLS] + block_size-2 tokens + [SEP], no padding; final partial block dropped",
+            "packing": pack.text,
+            **({"text_field": text_field} if text_field else {}),
             "text": "UTF-8 lines, stripped, empty lines skipped, WikiText ' = Title = ' headings kept as their title text",
             "sources": {"train": train_sources, "heldout": heldout_sources},
             "heldout": {"fraction": heldout_fraction, "seed": seed, "files": heldout_inputs},

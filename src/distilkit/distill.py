@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, losses, models
+from . import checkpoint, families, losses, models
 from .checkpoint import CHECKPOINTS, RESUMABLE_CHANGES, InputsChanged, latest_checkpoint, list_checkpoints  # noqa: F401
 from .config import DistillConfig, TrainConfig, to_dict
 from .hardware import PRECISIONS, resolve_mixed_precision
@@ -100,8 +100,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise bad("attention_dropout", "a probability in [0, 1) or none (the model's own)")
     masking_config(cfg)  # validates the masking fields
     if isinstance(cfg, DistillConfig):
-        if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos <= 0:
-            raise DistilkitError("config: alpha_ce, alpha_mlm, alpha_cos must be >= 0 and not all 0")
+        if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_clm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos <= 0:
+            raise DistilkitError("config: alpha_ce, alpha_mlm, alpha_clm, alpha_cos must be >= 0 and not all 0")
         if not cfg.temperature > 0:
             raise bad("temperature", "a positive softmax temperature")
         if cfg.kl_positions not in losses.KL_POSITIONS:
@@ -112,8 +112,9 @@ def masking_config(cfg: TrainConfig) -> MaskingConfig:
     return MaskingConfig(mlm_prob=cfg.mlm_prob, mask_frac=cfg.mask_frac, random_frac=cfg.random_frac, smoothing=cfg.smoothing)
 
 
-def loss_config(cfg: DistillConfig) -> losses.LossConfig:
-    return losses.LossConfig(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.kl_positions)
+def loss_config(cfg: DistillConfig, family: families.Family | None = None) -> losses.LossConfig:
+    weights = families.loss_weights(family or families.FAMILIES["bert"], cfg)  # GPT-2: alpha_clm, KL everywhere
+    return losses.LossConfig(cfg.alpha_ce, weights["alpha_mlm"], cfg.alpha_cos, cfg.temperature, weights["kl_positions"])
 
 
 # =========================================================================== corpus access
@@ -151,6 +152,9 @@ def check_corpus_tokenizer(blocks: Any, tokenizer: Any, model: Any, where: str |
 # =========================================================================== held-out evaluation
 
 
+_EVAL_CHUNK = 4096  # positions scored at a time
+
+
 @torch.no_grad()
 def evaluate_mlm(
     model: torch.nn.Module,
@@ -168,8 +172,10 @@ def evaluate_mlm(
 
     Blocks are read in order and masked with a generator seeded by `seed` (uniform 15%/80-10-10 unless
     `masking` says otherwise), so two models evaluated with the same arguments see identical masks.
-    Returns {"mlm_accuracy", "perplexity", "loss", "n_masked", "n_blocks", "seed"}.
+    Returns {"mlm_accuracy", "perplexity", "loss", "n_masked", "n_blocks", "seed"}; for a causal-LM family
+    (GPT-2, families.py) no masking: every next token, {"next_token_accuracy", ..., "n_predicted", ...}.
     """
+    family = families.family_of(model)
     masking = masking or MaskingConfig()
     if masking.smoothing is not None:
         masking = dataclasses.replace(masking, smoothing=None)
@@ -186,26 +192,33 @@ def evaluate_mlm(
     correct = count = blocks = 0
     for b in progress_bar(range(n_batches), desc="eval", enabled=progress is not False):
         ids = corpus.batch(np.arange(b * batch_size, min(n, (b + 1) * batch_size)))
-        attention = (ids != tokenizer.pad_token_id).long()
-        masked, labels = mask_tokens(
-            ids, mask_token_id=tokenizer.mask_token_id, vocab_size=corpus.vocab_size, special_ids=special,
-            cfg=masking, attention_mask=attention, generator=generator,
-        )
+        if family.causal:
+            masked, attention, labels = families.causal_batch(ids, tokenizer, family)
+        else:
+            attention = (ids != tokenizer.pad_token_id).long()
+            masked, labels = mask_tokens(
+                ids, mask_token_id=tokenizer.mask_token_id, vocab_size=corpus.vocab_size, special_ids=special,
+                cfg=masking, attention_mask=attention, generator=generator,
+            )
         hidden = models.encoder_hidden(model, masked.to(device), attention.to(device))
         select = (labels.reshape(-1) != losses.IGNORE_INDEX).to(device)
-        logits = models.mlm_logits(model, hidden.reshape(-1, hidden.shape[-1])[select]).float()
-        target = labels.reshape(-1).to(device)[select]
-        nll += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
-        count += int(target.numel())
+        selected = hidden.reshape(-1, hidden.shape[-1])[select]
+        targets = labels.reshape(-1).to(device)[select]
+        for start in range(0, len(targets), _EVAL_CHUNK):  # bounded (positions x vocabulary) logits
+            logits = models.mlm_logits(model, selected[start : start + _EVAL_CHUNK]).float()
+            target = targets[start : start + _EVAL_CHUNK]
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
+        count += int(targets.numel())
         blocks += int(ids.shape[0])
     model.train(was_training)
     loss = nll / max(count, 1)
+    accuracy, n_scored = ("next_token_accuracy", "n_predicted") if family.causal else ("mlm_accuracy", "n_masked")
     return {
-        "mlm_accuracy": correct / max(count, 1),
+        accuracy: correct / max(count, 1),
         "perplexity": math.exp(min(loss, 700.0)),
         "loss": loss,
-        "n_masked": count,
+        n_scored: count,
         "n_blocks": blocks,
         "seed": seed,
     }
@@ -533,11 +546,15 @@ def _micro_step(r: _Run, sync: bool) -> dict[str, Any]:
     tok = r.task.tokenizer
     ids = r.blocks.batch(rank_slice(r.order, r.micro, r.plan.batch_size, r.world, r.rank))
     r.micro += 1
-    attention = (ids != tok.pad_token_id).long()
-    masked, labels = mask_tokens(
-        ids, mask_token_id=tok.mask_token_id, vocab_size=r.blocks.vocab_size, special_ids=r.special,
-        cfg=r.masking, attention_mask=attention, weights=r.weights, generator=r.generator,
-    )
+    family = families.family_of(r.task.model)
+    if family.causal:  # GPT-2: no masking, next-token labels
+        masked, attention, labels = families.causal_batch(ids, tok, family)
+    else:
+        attention = (ids != tok.pad_token_id).long()
+        masked, labels = mask_tokens(
+            ids, mask_token_id=tok.mask_token_id, vocab_size=r.blocks.vocab_size, special_ids=r.special,
+            cfg=r.masking, attention_mask=attention, weights=r.weights, generator=r.generator,
+        )
     device = r.accelerator.device
     batch = {"input_ids": masked.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
     with contextlib.nullcontext() if sync else r.accelerator.no_sync(r.student):
@@ -742,10 +759,14 @@ def distill(
     if tmodel.config.vocab_size != smodel.config.vocab_size:
         raise DistilkitError(f"{student}: vocabulary size {smodel.config.vocab_size} differs from the teacher's "
                              f"{tmodel.config.vocab_size}: build the student with `distilkit init-student`")
-    if cfg.alpha_cos > 0 and tmodel.config.hidden_size != smodel.config.dim:
-        raise DistilkitError(f"{student}: hidden size {smodel.config.dim} differs from the teacher's "
+    if cfg.alpha_cos > 0 and tmodel.config.hidden_size != smodel.config.hidden_size:
+        raise DistilkitError(f"{student}: hidden size {smodel.config.hidden_size} differs from the teacher's "
                              f"{tmodel.config.hidden_size}: the cosine loss needs equal widths (set alpha_cos=0)")
-    task = TrainTask(model=smodel, tokenizer=tokenizer, loss=loss_config(cfg), teacher=tmodel, kind="distill")
+    family = families.family_of(smodel)
+    if families.family_of(tmodel) is not family:
+        raise DistilkitError(f"{student}: a {family.name} student cannot learn from a {families.family_of(tmodel).name} "
+                             "teacher: build the student from this teacher with `distilkit init-student`")
+    task = TrainTask(model=smodel, tokenizer=tokenizer, loss=loss_config(cfg, family), teacher=tmodel, kind="distill")
     result = train(task, corpus, out, cfg, resume=resume)
     teacher_fp = result.teacher_fingerprint
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import families
 from .baselines import majority_baseline
 from .config import FinetuneConfig, to_dict
 from .distill import param_groups
@@ -198,7 +199,7 @@ def collate(feats: Features, idx: np.ndarray, pad_id: int, device: torch.device)
 
 def input_names(model: torch.nn.Module) -> tuple[str, ...]:
     """The batch keys a model takes: token_type_ids only where its forward accepts them (BERT, not DistilBERT)."""
-    accepts = "token_type_ids" in inspect.signature(model.forward).parameters
+    accepts = "token_type_ids" in inspect.signature(model.forward).parameters and families.uses_token_types(model)
     return ("input_ids", "attention_mask") + (("token_type_ids",) if accepts else ())
 
 
@@ -230,7 +231,8 @@ def load_classifier(path: str, task: Task | None = None):
             kwargs["problem_type"] = "single_label_classification"
             kwargs["id2label"] = dict(enumerate(names))
             kwargs["label2id"] = {n: i for i, n in enumerate(names)}
-    return load_pretrained(AutoModelForSequenceClassification, path, "sequence classifier", **kwargs)
+    return families.prepare_classifier(  # GPT-2: pad id for its last-token pooling
+        load_pretrained(AutoModelForSequenceClassification, path, "sequence classifier", **kwargs))
 
 
 def max_positions(config) -> int:
@@ -567,7 +569,7 @@ def _header(task: Task, model: str, path: str) -> dict[str, Any]:
 
 
 def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return families.pad_id(tokenizer)
 
 
 def _save(model, tokenizer, folder: Path, meta: dict[str, Any]) -> None:

@@ -264,7 +264,7 @@ class MLMForward(nn.Module):
 
 def as_mlm_forward(model: nn.Module) -> nn.Module:
     """A plain (Distil)BertForMaskedLM gets wrapped in MLMForward; an MLMForward (or DDP of one) is kept."""
-    if isinstance(model, (models.BertForMaskedLM, models.DistilBertForMaskedLM)):
+    if isinstance(model, models.PreTrainedModel):  # any family's LM (families.py)
         return MLMForward(model)
     return model
 

@@ -161,7 +161,10 @@ def has_mlm_head(path: str) -> bool:
     if keys is None:  # hub id: trust the architecture name
         archs = load_config(path).architectures or []
         return any("MaskedLM" in a or "ForPreTraining" in a for a in archs)
-    return any("predictions.transform" in k or "vocab_transform" in k for k in keys)
+    from .families import family_of
+
+    fragments = family_of(load_config(path)).head_keys  # teacher or student
+    return any(f in k for f in fragments for k in keys)
 
 
 def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> tuple[BertForMaskedLM, bool]:
@@ -171,14 +174,11 @@ def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> 
     tied to the word embeddings, and a warning: such a teacher should be adapted first
     (`distilkit adapt-teacher`) before its logits are worth distilling.
     """
+    from .families import load_model
+
     path = resolve_model(name)
-    mtype = model_type(path)
-    if mtype not in BERT_FAMILY:
-        raise DistilkitError(f"{name}: teacher must be BERT-family (model_type 'bert'), got '{mtype}'")
-    head = has_mlm_head(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_pretrained(BertForMaskedLM, path, "teacher")
+    head = has_mlm_head(path)  # reads the checkpoint's tensor names first: a broken file is named as such
+    model, _ = load_model(path, "teacher", str(name))  # the family registry: one-line error for other types
     if not head and warn_missing_head:
         warnings.warn(
             f"teacher {name} has no masked-LM head: a fresh, untrained head was attached. "
@@ -190,11 +190,9 @@ def load_teacher(name: str | os.PathLike, *, warn_missing_head: bool = True) -> 
 
 
 def load_student(name: str | os.PathLike) -> DistilBertForMaskedLM:
-    path = resolve_model(name)
-    mtype = model_type(path)
-    if mtype not in STUDENT_FAMILY:
-        raise DistilkitError(f"{name}: student must be a DistilBERT model (model_type 'distilbert'), got '{mtype}'")
-    return load_pretrained(DistilBertForMaskedLM, path, "student")
+    from .families import load_model
+
+    return load_model(resolve_model(name), "student", str(name))[0]
 
 
 # --------------------------------------------------------------------------- uniform MLM access
@@ -211,7 +209,9 @@ def encoder_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
         return model.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
-    raise TypeError(f"unsupported model class {type(model).__name__}")
+    from .families import family_of  # RoBERTa, GPT-2, ...
+
+    return family_of(model).hidden(model, input_ids, attention_mask)
 
 
 def mlm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -225,6 +225,11 @@ def mlm_transform(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
         return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
     if isinstance(model, BertForMaskedLM):
         return model.cls.predictions.transform(hidden)
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "dense"):  # RoBERTa / XLM-R (RobertaLMHead: dense, GELU, LayerNorm)
+        return head.layer_norm(torch.nn.functional.gelu(head.dense(hidden)))
+    if isinstance(head, torch.nn.Linear):  # GPT-2: hidden states are already final-normed; the head projects
+        return hidden
     raise TypeError(f"unsupported model class {type(model).__name__}")
 
 
@@ -234,6 +239,11 @@ def mlm_decoder(model: PreTrainedModel) -> torch.nn.Linear:
         return model.vocab_projector
     if isinstance(model, BertForMaskedLM):
         return model.cls.predictions.decoder
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "decoder"):  # RoBERTa / XLM-R
+        return head.decoder
+    if isinstance(head, torch.nn.Linear):  # GPT-2 (tied to wte, no bias)
+        return head
     raise TypeError(f"unsupported model class {type(model).__name__}")
 
 

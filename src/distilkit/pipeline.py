@@ -688,11 +688,12 @@ def _fresh_start_is_fine():
 def _reinitialise(model_dir: Path) -> None:
     """Replace a saved student's weights by a fresh random initialisation (same config, same seed)."""
     import torch
-    from transformers import DistilBertForMaskedLM
 
-    model = DistilBertForMaskedLM.from_pretrained(model_dir)
+    from .families import load_model
+
+    model, _ = load_model(str(model_dir), "student", str(model_dir))  # DistilBERT, RoBERTa or GPT-2 student
     torch.manual_seed(0)
-    fresh = DistilBertForMaskedLM(model.config)
+    fresh = type(model)(model.config)
     fresh.save_pretrained(model_dir, safe_serialization=True)
 
 

@@ -605,14 +605,15 @@ def render_markdown(rep: dict[str, Any]) -> str:
     L += render_deployment(rep.get("deployment"))
     # MLM
     if rep["mlm"] is not None:
-        L += ["## Masked-LM evaluation (held-out text)", ""]
         mlm = rep["mlm"]
+        causal = any(isinstance(v, dict) and "next_token_accuracy" in v for v in mlm.values())  # GPT-2 (families.py)
+        L += [f"## {'Next-token (causal-LM)' if causal else 'Masked-LM'} evaluation (held-out text)", ""]
         models = [k for k in ("teacher", "student_before", "student_after") if isinstance(mlm.get(k), dict)]
         models += [k for k, v in mlm.items() if isinstance(v, dict) and k not in models]
         metrics: list[str] = []
         for k in models:
             metrics += [n for n, v in mlm[k].items() if _is_num(v) and n not in metrics and n != "seed"]
-        first = [n for n in ("mlm_accuracy", "perplexity") if n in metrics]
+        first = [n for n in ("mlm_accuracy", "next_token_accuracy", "perplexity") if n in metrics]
         metrics = first + [n for n in metrics if n not in first]
 
         def cell(v: Any, name: str) -> str:

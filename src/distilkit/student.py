@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
+from .families import family_of
 from .models import count_parameters, load_teacher, load_tokenizer, resolve_model
 from .utils import DistilkitError, atomic_dir, atomic_write_json, check_output_not_input, output_occupied, provenance
 
@@ -142,7 +143,8 @@ def init_student(
     n = tmodel.config.num_hidden_layers
     layers = default_layers(n, every) if layers is None else list(layers)
     check_layers(layers, n)
-    student = student_from_teacher(tmodel, layers)
+    family = family_of(tmodel)  # families.py: where the parts live, which student class
+    student = family.build_student(tmodel, layers)
     tokenizer = load_tokenizer(teacher)
 
     summary = StudentSummary(
@@ -152,15 +154,15 @@ def init_student(
         teacher_had_mlm_head=had_head,
         teacher_params=count_parameters(tmodel),
         student_params=count_parameters(student),
-        teacher_params_no_head=count_parameters(tmodel.bert),
-        student_params_no_head=count_parameters(student.distilbert),
+        teacher_params_no_head=count_parameters(family.backbone(tmodel)),
+        student_params_no_head=count_parameters(family.backbone(student)),
     )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(
             tmp / "distilkit_student.json",
-            {**summary.__dict__, "teacher_resolved": resolve_model(teacher), **provenance()},
+            {**summary.__dict__, "family": family.name, "teacher_resolved": resolve_model(teacher), **provenance()},
         )
         from .modelcard import write_model_card  # README.md: Hugging Face model card
         write_model_card(tmp, "distilkit_student.json")
