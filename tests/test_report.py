@@ -326,3 +326,14 @@ def test_commit_named_by_whoever_copied_the_tree(monkeypatch):
     from_git = git_commit()
     monkeypatch.setenv("DISTILKIT_GIT_COMMIT", "0123abc")
     assert git_commit() == "0123abc" != from_git
+
+
+def test_mlm_table_lists_scored_models_only(run_dir):
+    """eval.json carries provenance dicts (the machine record): they are not rows of the masked-LM table."""
+    from distilkit.report import render_markdown
+
+    path = run_dir / "distill" / "eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "machine": {"cpu_family": 25, "cores": 2}}))
+    section = render_markdown(build_report(run_dir)).split("evaluation (held-out text)")[1].split("##")[0]
+    assert "| teacher |" in section and "| student_after |" in section
+    assert "machine" not in section and "cpu_family" not in section

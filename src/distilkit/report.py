@@ -609,7 +609,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         causal = any(isinstance(v, dict) and "next_token_accuracy" in v for v in mlm.values())  # GPT-2 (families.py)
         L += [f"## {'Next-token (causal-LM)' if causal else 'Masked-LM'} evaluation (held-out text)", ""]
         models = [k for k in ("teacher", "student_before", "student_after") if isinstance(mlm.get(k), dict)]
-        models += [k for k, v in mlm.items() if isinstance(v, dict) and k not in models]
+        models += [k for k, v in mlm.items()  # other scored models; not the provenance dicts (machine, ...)
+                   if isinstance(v, dict) and k not in models and ("perplexity" in v or "mlm_accuracy" in v)]
         metrics: list[str] = []
         for k in models:
             metrics += [n for n, v in mlm[k].items() if _is_num(v) and n not in metrics and n != "seed"]
