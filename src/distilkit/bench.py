@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForMaskedLM, PretrainedConfig
+from transformers import AutoModel, PretrainedConfig
 
 from . import tasks
 from .corpus import TextSource
@@ -197,13 +196,10 @@ def _loadavg() -> float | None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (hardware.cpu_info, which every run and benchmark records)."""
+    from .hardware import cpu_info
+
+    return cpu_info()["cpu_model"]
 
 
 def extra_rows(models: dict[str, dict[str, Any]], dev: torch.device, onnx: bool | None, bf16: bool | None) -> dict[str, dict]:

