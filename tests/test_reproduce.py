@@ -123,6 +123,31 @@ def test_reproduce_runs_skips_and_redoes(setup):
     assert status["distill"] == "skipped" and status["bench"] == "done"
 
 
+def test_changed_task_file_redoes_that_task_only(setup, capsys):
+    """Editing a task's dev file must not reuse its old scores; the other task's results are kept."""
+    import shutil
+
+    root, data, preset = setup
+    reference = root / "run1"
+    if not (reference / "report.json").is_file():
+        reproduce(str(preset), str(data), str(reference))
+    data2, run = root / "data-edited", root / "run-edited"
+    shutil.copytree(data, data2)
+    shutil.copytree(reference, run)
+    dev = data2 / "mrpc" / "dev.tsv"
+    rows = dev.read_text().splitlines(keepends=True)
+    dev.write_text("".join(rows[:-1]))  # one pair fewer
+    capsys.readouterr()
+    summary = reproduce(str(preset), str(data2), str(run))
+    status = {s["stage"]: s["status"] for s in summary}
+    assert all(status[s] == "skipped" for s in ("corpus", "adapt", "student", "distill", "variants"))
+    assert status["finetune"] == "done" and status["bench"] == "done"  # bench reads mrpc too
+    redone = [line.split()[2] for line in capsys.readouterr().err.splitlines() if "]   finetune " in line]
+    assert sorted(redone) == ["student/mrpc:", "teacher/mrpc:"]  # cola (and no_ce/cola) kept
+    res = json.loads((run / "finetune" / "student" / "mrpc" / "results.json").read_text())
+    assert res["seeds"][0]["n_eval"] == len(rows) - 2  # header and the dropped row
+
+
 def test_killed_reproduce_resumes_and_matches(setup):
     """SIGKILL `reproduce` during fine-tuning, start it again: finished stages are skipped, scores equal."""
     root, data, preset = setup

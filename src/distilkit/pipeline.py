@@ -304,6 +304,7 @@ class Pipeline:
         self.stamps = Stamps(self.run)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.keys: dict[str, str] = {}
+        self._sums: dict[str, dict[str, str]] = {}  # task -> {file: sha256}
         self.force: set[str] = set()  # stages named by --from and after: their folders are moved aside
         self.summary: list[dict] = []
         self.state: Any = None  # accelerate.PartialState when launched with several processes
@@ -400,11 +401,21 @@ class Pipeline:
             "distill": resolved["distill"],
             "variants": resolved["variants"] + [{**to_dict(v), "distill": to_dict(variant_distill(c, v))}
                                                 for v in baseline_variants(c)],
-            "finetune": {**resolved["finetune"], "common": None},  # per_task holds every task's full config
+            "finetune": {**resolved["finetune"], "common": None,  # per_task holds every task's full config
+                         "data": {t: self._task_sums(t) for t in finetune_tasks(c)}},
             "export": to_dict(c.export),
-            "bench": to_dict(c.bench),
+            "bench": {**to_dict(c.bench), "data": self._task_sums(c.bench.task)},
             "report": {},
         }[name]
+
+    def _task_sums(self, task: str) -> dict[str, str]:
+        """sha256 of each file of a task: part of the keys of the stages that read it (finetune, bench)."""
+        from .tasks import task_files
+
+        if task not in self._sums:
+            self._sums[task] = ({"hub": str(self.data)} if str(self.data).startswith("hf:") else
+                                {p.relative_to(self.data).as_posix(): sha256_file(p) for p in task_files(task, self.data)})
+        return self._sums[task]
 
     def _write_run_json(self) -> None:
         checksums = {}
@@ -585,7 +596,10 @@ class Pipeline:
         return {"variants": [v.name for v in variants], "note": f"{len(done)} variant(s) built"}
 
     def stage_finetune(self, key: str) -> dict:
-        """Fine-tune each model on each task; each (model, task) pair is stamped so a restart resumes."""
+        """Fine-tune each model on each task; each (model, task) pair is stamped so a restart resumes.
+
+        A pair's key is its fine-tuning settings, the key of the stage that made its models and the sha256 of
+        the task's files: changing one task's settings (or its data) redoes that task only."""
         from .baselines import baseline_variants
         from .config import FinetuneConfig
         from .finetune import finetune
@@ -606,7 +620,7 @@ class Pipeline:
         for model_name, task, seeds in jobs:
             fields = {**f.common, **(f.per_task.get(task) or {}), "seeds": seeds}
             sub = f"finetune-{model_name}-{task}"
-            sub_key = _hash({"config": fields, "upstream": key})
+            sub_key = _hash({"config": fields, "models": self.keys["variants"], "data": self._task_sums(task)})
             if self.stamps.done(sub, sub_key):
                 continue
             t0 = time.perf_counter()

@@ -265,6 +265,17 @@ def split_files(task: Task, data_dir: str | Path, split: str) -> list[Path]:
     return files
 
 
+def task_files(task: Task | str, data_dir: str | Path) -> list[Path]:
+    """Every file of every split of a task that exists under `data_dir` (what a cached result depends on)."""
+    task = get_task(task) if isinstance(task, str) else task
+    data_dir = Path(data_dir)
+    files: list[Path] = []
+    for patterns in task.splits.values():
+        for pattern in patterns:
+            files += [f for f in sorted(data_dir.glob(pattern)) if f.is_file()]
+    return files
+
+
 def load_split(task: Task | str, data_dir: str | Path, split: str) -> list[Example]:
     """Read one split ('train', 'dev'/'test', or 'eval' for the task's scored split) into `Example`s."""
     task = get_task(task) if isinstance(task, str) else task
