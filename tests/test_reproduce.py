@@ -148,6 +148,33 @@ def test_changed_task_file_redoes_that_task_only(setup, capsys):
     assert res["seeds"][0]["n_eval"] == len(rows) - 2  # header and the dropped row
 
 
+def test_changed_corpus_or_teacher_redoes_the_corpus(setup):
+    """The corpus stage (and so every later one) is keyed by the sha256 of the teacher's and the corpus' files."""
+    import shutil
+
+    root, data, preset = setup
+    teacher = root / "teacher-copy"
+    shutil.copytree(root / "teacher", teacher)
+    data2, run = root / "data-corpus", root / "run-corpus"
+    shutil.copytree(data, data2)
+    tiny = root / "tiny-copy.yaml"
+    tiny.write_text(PRESET.format(teacher=teacher))
+
+    def corpus_status() -> str:
+        return reproduce(str(tiny), str(data2), str(run), until="corpus")[0]["status"]
+
+    assert corpus_status() == "done"
+    assert corpus_status() == "skipped"
+    train = data2 / "wikitext" / "wikitext-2-raw" / "wiki.train.raw.gz"
+    with gzip.open(train, "at", encoding="utf-8") as fh:
+        fh.write(" one more line of text . \n")
+    assert corpus_status() == "done"
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**cfg, "note": "edited"}))
+    assert corpus_status() == "done"
+    assert corpus_status() == "skipped"
+
+
 def test_killed_reproduce_resumes_and_matches(setup):
     """SIGKILL `reproduce` during fine-tuning, start it again: finished stages are skipped, scores equal."""
     root, data, preset = setup

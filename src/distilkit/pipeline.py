@@ -304,7 +304,7 @@ class Pipeline:
         self.stamps = Stamps(self.run)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.keys: dict[str, str] = {}
-        self._sums: dict[str, dict[str, str]] = {}  # task -> {file: sha256}
+        self._sums: dict[str, Any] = {}  # task (or "" for teacher + corpus) -> {file: sha256}
         self.force: set[str] = set()  # stages named by --from and after: their folders are moved aside
         self.summary: list[dict] = []
         self.state: Any = None  # accelerate.PartialState when launched with several processes
@@ -395,7 +395,7 @@ class Pipeline:
         c = self.cfg
         resolved = resolved_config(c)
         return {
-            "corpus": {"teacher": c.teacher, **resolved["corpus"]},
+            "corpus": {"teacher": c.teacher, **resolved["corpus"], "inputs": self._input_sums()},
             "adapt": {"mode": c.adapt, "config": resolved["adapt_config"]},
             "student": resolved["student"],
             "distill": resolved["distill"],
@@ -407,6 +407,21 @@ class Pipeline:
             "bench": {**to_dict(c.bench), "data": self._task_sums(c.bench.task)},
             "report": {},
         }[name]
+
+    def _input_sums(self) -> dict[str, Any]:
+        """sha256 of the teacher's files and the corpus files: a changed teacher or corpus redoes every stage."""
+        from .models import resolve_model
+
+        if "" not in self._sums:
+            teacher = Path(resolve_model(self.cfg.teacher))
+            files = sorted(p for p in teacher.iterdir() if p.is_file()) if teacher.is_dir() else []
+            c = self.cfg.corpus
+            rels = [*self._expand(c.train, "train"), *self._expand(c.heldout, "heldout")]
+            self._sums[""] = {
+                "teacher": {p.name: sha256_file(p) for p in files} or {"hub": str(teacher)},
+                "corpus": {rel: sha256_file(self.data / rel) for rel in rels if (self.data / rel).is_file()},
+            }
+        return self._sums[""]
 
     def _task_sums(self, task: str) -> dict[str, str]:
         """sha256 of each file of a task: part of the keys of the stages that read it (finetune, bench)."""
