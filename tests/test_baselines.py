@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from distilkit.baselines import (BASELINES, baseline_variants, compare_seeds, headroom_retention, majority_baseline,
+from distilkit.baselines import (BASELINES, baseline_variants, compare_seeds, headroom_clear, headroom_retention, majority_baseline,
                                  majority_score)
 from distilkit.cli import main
 from distilkit.finetune import subset_indices
@@ -51,6 +51,14 @@ def test_majority_on_real_mrpc_dev(shared_data):
     # predicting 1 everywhere: precision = pos rate, recall 1 -> F1 = 2 pos / (1 + pos)
     assert majority_score(task, train, dev) == pytest.approx(100 * (2 * pos / (1 + pos) + pos) / 2)
     assert majority_score(task, train, dev) == pytest.approx(74.80, abs=0.01)
+
+
+def test_headroom_clear_of_the_teachers_seed_spread():
+    assert headroom_clear({"min": 75.0, "n": 3}, 74.8) is True
+    assert headroom_clear({"min": 74.8, "n": 3}, 74.8) is False  # worst seed on the floor
+    assert headroom_clear({"min": 70.0, "n": 3}, 74.8) is False
+    assert headroom_clear({"min": 90.0, "n": 1}, 74.8) is None  # one seed: no spread measured
+    assert headroom_clear(None, 74.8) is None and headroom_clear({"min": 90.0, "n": 3}, None) is None
 
 
 def test_headroom_arithmetic():

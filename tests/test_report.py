@@ -337,3 +337,20 @@ def test_mlm_table_lists_scored_models_only(run_dir):
     section = render_markdown(build_report(run_dir)).split("evaluation (held-out text)")[1].split("##")[0]
     assert "| teacher |" in section and "| student_after |" in section
     assert "machine" not in section and "cpu_family" not in section
+
+
+def test_headroom_inside_the_teachers_seed_spread_is_marked(run_dir):
+    """MRPC's teacher: median above the majority class (74.8), worst seed below it: the headroom retention is
+    still computed but marked †, with a note; CoLA's teacher (worst seed 40 > 0) is clear of the floor."""
+    path = run_dir / "finetune" / "teacher" / "mrpc" / "results.json"
+    path.write_text(json.dumps(_results("mrpc", [74.0, 80.0, 76.0])))
+    rep = write_report(run_dir)
+    mrpc, cola = rep["tasks"]["mrpc"], rep["tasks"]["cola"]
+    assert mrpc["headroom_clear"] is False and cola["headroom_clear"] is True
+    assert mrpc["headroom_retention_pct"] == pytest.approx(100 * (81.0 - 74.8) / (76.0 - 74.8))
+    assert any(n.startswith("mrpc: the teacher's worst seed (74.0) is not above the majority class (74.8)")
+               for n in rep["notes"])
+    md = (run_dir / "report.md").read_text()
+    mrpc_row = next(line for line in md.splitlines() if line.startswith("| mrpc |"))
+    cola_row = next(line for line in md.splitlines() if line.startswith("| cola |"))
+    assert f"{100 * 6.2 / 1.2:.1f}% †" in mrpc_row and "†" not in cola_row

@@ -75,6 +75,15 @@ def headroom_retention(student: float | None, teacher: float | None, majority: f
     return 100.0 * (student - majority) / (teacher - majority)
 
 
+def headroom_clear(teacher: dict | None, majority: float | None) -> bool | None:
+    """Is the teacher above the majority class on every seed (its worst seed above the floor)? Where it is
+    not, the headroom (teacher - majority) is inside the teacher's own seed spread and a headroom retention
+    divides by noise. None when a value is missing or the teacher has a single seed (no spread measured)."""
+    if not teacher or majority is None or teacher.get("n", 0) < 2:
+        return None
+    return teacher["min"] > majority
+
+
 def compare_seeds(student: dict | None, baseline: dict | None) -> dict[str, Any] | None:
     """Did the distilled student beat a baseline outside the seed spread? Both are seed summaries with
     "min", "max", "median" and "n". verdict: "beats" (student's min > baseline's max), "below" (student's

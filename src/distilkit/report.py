@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .baselines import BASELINES, compare_seeds, headroom_retention, verdict_text
+from .baselines import BASELINES, compare_seeds, headroom_clear, headroom_retention, verdict_text
 from .utils import DistilkitError, atomic_write_json, atomic_write_text, fail_at, provenance
 
 #: The paper's numbers, bundled (public data from arXiv:1910.01108 v4).
@@ -271,12 +271,16 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
             "majority": majority,
             "retention_pct": _retention(s and s["median"], t and t["median"]),
             "headroom_retention_pct": headroom_retention(s and s["median"], t and t["median"], majority),
+            "headroom_clear": headroom_clear(t, majority),
             "vs_baselines": {b: compare_seeds(s, r) for b, r in base.items() if r is not None},
             "paper": {"BERT-base": pb, "DistilBERT": pd, "retention_pct": _retention(pd, pb)},
         }
         if t and majority is not None and t["median"] <= majority:
             notes.append(f"{task}: the teacher ({t['median']:.1f}) does not beat the majority class ({majority:.1f}); "
                          "headroom retention undefined")
+        elif tasks[task]["headroom_clear"] is False:
+            notes.append(f"{task}: the teacher's worst seed ({t['min']:.1f}) is not above the majority class "
+                         f"({majority:.1f}): its headroom retention (marked †) rests on a gain inside the seed spread")
         for role, r in (("teacher", t), ("student", s)):
             if r is None:
                 notes.append(f"{task}: no {role} results; left out of the macro score")
@@ -529,7 +533,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         name = (task if e["glue"] else f"{task} (Table 2, not in the GLUE macro)" if task == "imdb"
                 else f"{task} (not GLUE)")
         return [name, e["score_name"] or "", _score_cell(e["teacher"]), _score_cell(e["student"]),
-                _f(e["retention_pct"], 1, "%"), _f(e["majority"]), _f(e["headroom_retention_pct"], 1, "%"),
+                _f(e["retention_pct"], 1, "%"), _f(e["majority"]),
+                _f(e["headroom_retention_pct"], 1, "%") + (" †" if e.get("headroom_clear") is False else ""),
                 _p(p["BERT-base"]), _p(p["DistilBERT"]), _f(p["retention_pct"], 1, "%"), sub]
 
     rows = [task_row(task, e) for task, e in tasks.items() if e["glue"]]
@@ -552,7 +557,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         L += _table(["task", "metric", "teacher", "student", "retention", "majority class", "headroom retention",
                      "paper BERT-base", "paper DistilBERT", "paper retention", "subset used (train / eval)"], rows)
         L += ["", "Majority class: the score of always predicting the training set's most frequent label (STS-B: "
-              "its mean, correlation 0). Headroom retention = (student − majority) / (teacher − majority)."]
+              "its mean, correlation 0). Headroom retention = (student − majority) / (teacher − majority); "
+              "† where the teacher's worst seed is not above the majority class (a small, noisy denominator)."]
     else:
         L.append("No teacher or student fine-tuning results.")
     if "seed_reproduction" in macro:
