@@ -328,6 +328,29 @@ def test_commit_named_by_whoever_copied_the_tree(monkeypatch):
     assert git_commit() == "0123abc" != from_git
 
 
+def test_commit_is_read_once_per_process(monkeypatch):
+    """A long run records the commit it started with: once read, git is not asked again (HEAD may move)."""
+    import subprocess
+
+    from distilkit import utils
+
+    monkeypatch.delenv("DISTILKIT_GIT_COMMIT", raising=False)
+    first = utils.git_commit()
+    calls = []
+
+    def moved_head(*args, **kwargs):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout="f" * 40 + "\n", stderr="")
+
+    monkeypatch.setattr(utils.subprocess, "run", moved_head)
+    assert utils.git_commit() == first and calls == []
+    utils._git_head.cache_clear()  # a new process would read the moved HEAD
+    try:
+        assert utils.git_commit() == "f" * 40 + "+dirty" and calls
+    finally:
+        utils._git_head.cache_clear()
+
+
 def test_mlm_table_lists_scored_models_only(run_dir):
     """eval.json carries provenance dicts (the machine record): they are not rows of the masked-LM table."""
     from distilkit.report import render_markdown

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from . import __version__
-from .utils import DistilkitError
+from .utils import DistilkitError, git_commit
 
 
 def _quiet_libraries() -> None:
@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     from .hardware import tune_allocator
 
     tune_allocator()  # glibc: keep large temporaries on the heap (DISTILKIT_MALLOC_TUNING=0 turns it off)
+    git_commit()  # the commit this process runs, read now: results record it even if HEAD moves later
     try:
         return int(args.func(args) or 0)
     except DistilkitError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -199,7 +200,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def git_commit() -> str | None:
-    """Commit of the distilkit source tree, with '+dirty' when it has uncommitted changes.
+    """Commit of the distilkit source tree, with '+dirty' when it has uncommitted changes, as it was when
+    this process first asked (the CLI asks at start): a long run records the code it loaded, not a HEAD
+    that moved while it ran.
 
     A tree copied elsewhere (e.g. onto a rented GPU machine) may have no .git, or one that is not its
     own: whoever copied it can name the commit in the environment variable DISTILKIT_GIT_COMMIT, which
@@ -207,6 +210,11 @@ def git_commit() -> str | None:
     """
     if os.environ.get("DISTILKIT_GIT_COMMIT"):
         return os.environ["DISTILKIT_GIT_COMMIT"]
+    return _git_head()
+
+
+@functools.cache
+def _git_head() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
