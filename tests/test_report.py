@@ -377,3 +377,21 @@ def test_headroom_inside_the_teachers_seed_spread_is_marked(run_dir):
     mrpc_row = next(line for line in md.splitlines() if line.startswith("| mrpc |"))
     cola_row = next(line for line in md.splitlines() if line.startswith("| cola |"))
     assert f"{100 * 6.2 / 1.2:.1f}% †" in mrpc_row and "†" not in cola_row
+
+
+def test_mlm_table_has_the_variants_measured_the_same_way(run_dir):
+    """variants/<name>/distill/eval.json joins the masked-LM table when its masks and teacher match the main
+    student's; a variant scored with other masks is left out (its numbers would not be comparable)."""
+    from distilkit.report import render_markdown
+
+    main = json.loads((run_dir / "distill" / "eval.json").read_text())
+    for name, seed, acc in (("no_ce", 1234, 0.25), ("random_init", 99, 0.05)):
+        d = run_dir / "variants" / name / "distill"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({**main, "masking_seed": seed,
+                                                 "student_after": {"mlm_accuracy": acc, "perplexity": 99.0}}))
+    rep = build_report(run_dir)
+    assert rep["mlm"]["no_ce_after"] == {"mlm_accuracy": 0.25, "perplexity": 99.0}
+    assert "random_init_after" not in rep["mlm"]
+    section = render_markdown(rep).split("evaluation (held-out text)")[1].split("##")[0]
+    assert "| no_ce_after | 25.00% |" in section and "random_init" not in section

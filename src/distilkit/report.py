@@ -245,6 +245,8 @@ def build_report(run_dir: str | os.PathLike, paper_path: str | os.PathLike | Non
     bench = _optional_json(bench_path, {"teacher": dict, "student": dict})
     mlm = _optional_json(eval_path, {})
     variants_meta = _optional_json(run_dir / "variants.json", {}) or {}
+    if mlm is not None:
+        mlm = {**mlm, **_variant_mlm(run_dir, mlm, variants_meta)}
     if not results and bench is None and mlm is None:
         raise DistilkitError(f"{run_dir}: expected finetune/<variant>/<task>/results.json, bench/bench.json "
                              "or distill/eval.json (nothing to report)")
@@ -457,6 +459,19 @@ def _millions(x: float | None) -> str:
     return "—" if x is None else f"{x / 1e6:.1f}M"
 
 
+def _variant_mlm(run_dir: Path, main: dict[str, Any], variants_meta: dict[str, Any]) -> dict[str, dict]:
+    """`<variant>_after`: each pre-trained variant's held-out masked-LM score (variants/<name>/distill/eval.json)
+    where it was measured like the main student's (same masking seed, batches and teacher), so the rows of
+    one table are comparable; a variant measured otherwise is left out."""
+    same = ("masking_seed", "eval_batches", "teacher_fingerprint")
+    out: dict[str, dict] = {}
+    for name in variants_meta:
+        ev = _optional_json(run_dir / "variants" / name / "distill" / "eval.json", {})
+        if ev and isinstance(ev.get("student_after"), dict) and all(ev.get(k) == main.get(k) for k in same):
+            out[f"{name}_after"] = ev["student_after"]
+    return out
+
+
 def _baselines_section(rep: dict[str, Any]) -> list[str]:
     """Markdown: the distilled student beside the no-KD and cut-only students and the majority class, per
     task and GLUE macro, and per task whether distillation beat each baseline outside the seed spread."""
@@ -632,6 +647,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
         extra = [f"{k.replace('_', ' ')} {mlm[k]}" for k in ("masking_seed", "eval_batches") if mlm.get(k) is not None]
         extra += [f"{k.replace('_', ' ')} `{mlm[k]}`" for k in ("teacher_fingerprint", "student_fingerprint") if mlm.get(k)]
         L += ["", "Same masked positions for every model: " + "; ".join(extra) + "."] if extra else []
+        if any(k.endswith("_after") and k != "student_after" for k in models):
+            L += ["`<name>_after`: that variant's (or baseline's) student after its own pre-training "
+                  "(`variants/<name>/distill/eval.json`), from the same initial student on the same tokens."]
         L.append("")
 
     # Table 4
