@@ -649,7 +649,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         L += ["", "Same masked positions for every model: " + "; ".join(extra) + "."] if extra else []
         if any(k.endswith("_after") and k != "student_after" for k in models):
             L += ["`<name>_after`: that variant's (or baseline's) student after its own pre-training "
-                  "(`variants/<name>/distill/eval.json`), from the same initial student on the same tokens."]
+                  "(`variants/<name>/distill/eval.json`; its settings in `variants.json`)."]
         L.append("")
 
     # Table 4
