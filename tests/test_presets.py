@@ -64,6 +64,8 @@ def test_show_config_is_complete_and_loads_back(name, tmp_path):
     ("finetune: {per_task: {cola: 3}}", ["finetune.per_task.cola", "mapping"]),
     ("finetune: {per_task: {cola: {save_models: best}}}", ["finetune.per_task.cola", "save_models"]),
     ("finetune: {baselines: [no_kd, cut]}", ["finetune.baselines", "cut"]),
+    ("finetune: {tasks: [cola], baselines: [no_kd], baseline_tasks: [mrpc]}", ["finetune.baseline_tasks", "mrpc"]),
+    ("finetune: {baselines: [no_kd], baseline_tasks: []}", ["finetune.baseline_tasks", "at least one"]),
     ("distill: {kl_positions: some}", ["distill", "kl_positions"]),
     ("adapt_config: {lr: -1}", ["adapt_config", "lr"]),
     ("adapt: sometimes", ["adapt", "sometimes"]),

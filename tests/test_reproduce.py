@@ -175,6 +175,16 @@ def test_changed_corpus_or_teacher_redoes_the_corpus(setup):
     assert corpus_status() == "skipped"
 
 
+def test_baselines_run_on_their_tasks_only(setup):
+    """finetune.baseline_tasks: the cut-only baseline is fine-tuned on MRPC only; the student on both tasks."""
+    root, data, preset = setup
+    run = root / "run-baselines"
+    reproduce(str(preset), str(data), str(run), until="finetune",
+              overrides=["finetune.baselines=[cut_only]", "finetune.baseline_tasks=[mrpc]", "variants=[]"])
+    done = sorted(p.parent.relative_to(run / "finetune").as_posix() for p in (run / "finetune").glob("*/*/results.json"))
+    assert done == ["cut_only/mrpc", "student/cola", "student/mrpc", "teacher/cola", "teacher/mrpc"]
+
+
 def test_killed_reproduce_resumes_and_matches(setup):
     """SIGKILL `reproduce` during fine-tuning, start it again: finished stages are skipped, scores equal."""
     root, data, preset = setup

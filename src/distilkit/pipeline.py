@@ -75,6 +75,7 @@ class FinetuneSection:
     teacher: bool = True  # false: fine-tune the students only (e.g. an ablation run; no retention column)
     baselines: list[str] = field(default_factory=list)  # students without distillation, fine-tuned like the others:
     # "no_kd" (same init, same tokens, masked-LM loss only) and/or "cut_only" (the initial student, not pre-trained)
+    baseline_tasks: list[str] | None = None  # the tasks the baselines are fine-tuned on (default: every task)
 
 
 @dataclass
@@ -201,6 +202,12 @@ def check_preset(cfg: ReproduceConfig, where: str = "config") -> None:
     for name in f.baselines:
         if name not in BASELINES:
             raise fail("finetune.baselines", f"unknown baseline '{name}', expected any of {sorted(BASELINES)}")
+    for task in f.baseline_tasks or []:
+        if task not in f.tasks:
+            raise fail("finetune.baseline_tasks", f"'{task}' is not in finetune.tasks {f.tasks}: a baseline is "
+                       "compared with the distilled student on the same task")
+    if f.baseline_tasks == [] and f.baselines:
+        raise fail("finetune.baseline_tasks", "expected at least one task, or null for every task")
     if not f.seeds:
         raise fail("finetune.seeds", "expected at least one seed")
     if "seeds" in f.common:
@@ -625,8 +632,10 @@ class Pipeline:
 
         jobs: list[tuple[str, str, list[int]]] = [("teacher", t, task_seeds(t)) for t in f.tasks if f.teacher]
         jobs += [("student", t, task_seeds(t)) for t in f.tasks]
-        for v in self.cfg.variants + baseline_variants(self.cfg):  # baselines: every task, the student's seeds
+        for v in self.cfg.variants:
             jobs += [(v.name, t, v.seeds or task_seeds(t)) for t in (v.tasks or f.tasks)]
+        for v in baseline_variants(self.cfg):  # baselines: the student's seeds, on finetune.baseline_tasks
+            jobs += [(v.name, t, task_seeds(t)) for t in (f.tasks if f.baseline_tasks is None else f.baseline_tasks)]
         wanted = {(m, t) for m, t, _ in jobs}
         for old in (self.run / "finetune").glob("*/*/results.json"):  # a model or task no longer configured:
             if (old.parent.parent.name, old.parent.name) not in wanted:  # its old scores must not reach the report
