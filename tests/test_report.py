@@ -395,3 +395,23 @@ def test_mlm_table_has_the_variants_measured_the_same_way(run_dir):
     assert "random_init_after" not in rep["mlm"]
     section = render_markdown(rep).split("evaluation (held-out text)")[1].split("##")[0]
     assert "| no_ce_after | 25.00% |" in section and "random_init" not in section
+
+
+def test_baselines_on_fewer_tasks_get_their_own_macro(run_dir):
+    """finetune.baseline_tasks: baselines on CoLA only -> the GLUE macro row has none for them, and a macro
+    over CoLA compares them with the student's (and the teacher's) on that task, with headroom retentions."""
+    import shutil
+
+    for b in ("no_kd", "cut_only"):
+        shutil.rmtree(run_dir / "finetune" / b / "mrpc")
+    rep = write_report(run_dir)
+    macro = rep["macro"]
+    assert macro["no_kd"] is None and macro["cut_only"] is None  # not over the student's tasks
+    bt = macro["baseline_tasks"]
+    assert bt["tasks"] == ["cola"] and bt["teacher"] == 42.0 and bt["student"] == 33.0
+    assert bt["no_kd"] == 27.0 and bt["cut_only"] == 12.0 and bt["majority"] == 0.0
+    assert bt["headroom_retention_pct"]["cut_only"] == pytest.approx(100 * 12.0 / 42.0)
+    md = (run_dir / "report.md").read_text()
+    assert "The baselines ran on cola only; macro over those tasks: teacher 42.0, distilled student 33.0" in md
+    full = write_report(make_run_dir(run_dir.parent / "full"))
+    assert "baseline_tasks" not in full["macro"]  # same tasks as the student: the GLUE macro row says it
