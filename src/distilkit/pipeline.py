@@ -28,6 +28,7 @@ variants) use every process and the others run on the main process only; the run
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -311,7 +312,7 @@ class Pipeline:
         self.stamps = Stamps(self.run)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.keys: dict[str, str] = {}
-        self._sums: dict[str, Any] = {}  # task (or "" for teacher + corpus) -> {file: sha256}
+        self._sums: dict[str, dict[str, str]] = {}  # task -> {file: sha256}
         self.force: set[str] = set()  # stages named by --from and after: their folders are moved aside
         self.summary: list[dict] = []
         self.state: Any = None  # accelerate.PartialState when launched with several processes
@@ -402,7 +403,7 @@ class Pipeline:
         c = self.cfg
         resolved = resolved_config(c)
         return {
-            "corpus": {"teacher": c.teacher, **resolved["corpus"], "inputs": self._input_sums()},
+            "corpus": {"teacher": c.teacher, **resolved["corpus"], "inputs": self._input_sums},
             "adapt": {"mode": c.adapt, "config": resolved["adapt_config"]},
             "student": resolved["student"],
             "distill": resolved["distill"],
@@ -415,20 +416,20 @@ class Pipeline:
             "report": {},
         }[name]
 
+    @functools.cached_property
     def _input_sums(self) -> dict[str, Any]:
-        """sha256 of the teacher's files and the corpus files: a changed teacher or corpus redoes every stage."""
+        """sha256 of the teacher's files and the corpus files (read once): part of the corpus stage's key, so a
+        changed teacher or corpus redoes every stage; run.json records the corpus ones."""
         from .models import resolve_model
 
-        if "" not in self._sums:
-            teacher = Path(resolve_model(self.cfg.teacher))
-            files = sorted(p for p in teacher.iterdir() if p.is_file()) if teacher.is_dir() else []
-            c = self.cfg.corpus
-            rels = [*self._expand(c.train, "train"), *self._expand(c.heldout, "heldout")]
-            self._sums[""] = {
-                "teacher": {p.name: sha256_file(p) for p in files} or {"hub": str(teacher)},
-                "corpus": {rel: sha256_file(self.data / rel) for rel in rels if (self.data / rel).is_file()},
-            }
-        return self._sums[""]
+        teacher = Path(resolve_model(self.cfg.teacher))
+        files = sorted(p for p in teacher.iterdir() if p.is_file()) if teacher.is_dir() else []
+        c = self.cfg.corpus
+        rels = [*self._expand(c.train, "train"), *self._expand(c.heldout, "heldout")]
+        return {
+            "teacher": {p.name: sha256_file(p) for p in files} or {"hub": str(teacher)},
+            "corpus": {rel: sha256_file(self.data / rel) for rel in rels if (self.data / rel).is_file()},
+        }
 
     def _task_sums(self, task: str) -> dict[str, str]:
         """sha256 of each file of a task: part of the keys of the stages that read it (finetune, bench)."""
@@ -444,10 +445,7 @@ class Pipeline:
         manifest = self.data / "MANIFEST.sha256"
         if manifest.is_file():
             checksums["MANIFEST.sha256"] = sha256_file(manifest)
-        for pattern in [*self.cfg.corpus.train, *self.cfg.corpus.heldout]:
-            for p in sorted(self.data.glob(pattern)):
-                if p.is_file():
-                    checksums[str(p.relative_to(self.data))] = sha256_file(p)
+        checksums.update(self._input_sums["corpus"])  # hashed once, for this record and the corpus stage's key
         atomic_write_json(self.run / "run.json", {
             "command": self.command,
             "preset": self.preset,
